@@ -1,0 +1,257 @@
+"""The LUO device interface, with the kernel and the emulator (``luo-emu``) behind one API.
+
+Both backends share everything but the last step: the argument structs are built from ``uapi`` and the
+errno is translated by ``errors.kernel_error`` here, so a backend is only an *ioctl transport*.  The kernel
+transport calls ``ioctl(2)``; the emulator transport sends the same request number and struct bytes to
+``luo-emu`` over a Unix socket with the fds attached (SCM_RIGHTS) and gets the kernel's answer back.
+
+The device is opened only for the moment of an operation (``with backend.device() as dev:``): the kernel
+allows one open file description at a time and systemd >= 261 needs it too.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Optional, Protocol
+
+from luo_systemd import uapi
+from luo_systemd.errors import KernelError, kernel_error
+from luo_systemd.uapi import Ioctl
+
+DEFAULT_EMULATOR_SOCKET = "/run/luo-emu/liveupdate.sock"
+
+
+class Transport(Protocol):
+    """How ioctls reach a LUO implementation.  Errors are raised as OSError with the kernel's errno."""
+
+    kind: str
+
+    def open_device(self) -> int: ...
+
+    def ioctl(self, fd: int, request: Ioctl, arg: bytearray, fd_arg: Optional[int]) -> None: ...
+
+
+class KernelTransport:
+    kind = "kernel"
+
+    def __init__(self, path: str = uapi.LIVEUPDATE_DEV) -> None:
+        self.path = path
+
+    def open_device(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+
+    def ioctl(self, fd: int, request: Ioctl, arg: bytearray, fd_arg: Optional[int]) -> None:
+        fcntl.ioctl(fd, request, arg, True)
+
+
+# The emulator's wire format.  Request: header (u32 request, u32 payload length) + payload, with the
+# target fd (a session fd) and, for PRESERVE_FD, the file as SCM_RIGHTS.  Reply: i32 errno + payload,
+# with a returned fd as SCM_RIGHTS.  Requests outside the ioctl range are emulator controls.
+EMU_HEADER = struct.Struct("<II")
+EMU_REPLY = struct.Struct("<i")
+EMU_MAX_MESSAGE = 65536
+
+
+class EmuControl:
+    OPEN_DEVICE = 0x4C550001  # this connection becomes the device's open file description
+    LOAD_KERNEL = 0x4C550010  # emulated kexec_file_load: payload JSON {"cmdline": ...}, fds kernel[, initrd]
+    UNLOAD_KERNEL = 0x4C550011
+    KEXEC = 0x4C550020  # "the kexec happens now": held outgoing sessions become incoming
+    STATUS = 0x4C550030  # counts only, for humans and tests; clients must not rely on it
+
+
+def emu_send(sock: socket.socket, request: int, payload: bytes, fds: list[int]) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sock.sendmsg([EMU_HEADER.pack(request, len(payload)) + payload], anc)
+
+
+def recv_with_fds(sock: socket.socket, max_fds: int = 4) -> tuple[bytes, list[int]]:
+    """Receives one message; every received fd gets O_CLOEXEC, as every fd LUO returns has."""
+    data, anc, _flags, _addr = sock.recvmsg(EMU_MAX_MESSAGE, socket.CMSG_SPACE(max_fds * 4), socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(cdata) - len(cdata) % 4
+            fds.extend(array.array("i", cdata[:usable]))
+    return data, fds
+
+
+def emu_call(sock: socket.socket, request: int, payload: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+    """One request and its reply.  Raises OSError(errno) when the emulator answers with an error."""
+    emu_send(sock, request, payload, fds)
+    data, rfds = recv_with_fds(sock)
+    if len(data) < EMU_REPLY.size:
+        for fd in rfds:
+            os.close(fd)
+        raise OSError(errno.EPIPE, "The LUO emulator closed the connection")
+    (err,) = EMU_REPLY.unpack_from(data)
+    if err:
+        for fd in rfds:
+            os.close(fd)
+        raise OSError(err, os.strerror(err))
+    return data[EMU_REPLY.size :], rfds
+
+
+class EmulatorTransport:
+    kind = "emulator"
+
+    def __init__(self, path: str = DEFAULT_EMULATOR_SOCKET) -> None:
+        self.path = path
+
+    def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.path)
+        except OSError as e:
+            sock.close()
+            # No emulator is the emulated form of "this kernel has no /dev/liveupdate".
+            if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise OSError(errno.ENOENT, f"no LUO emulator listens on {self.path}") from e
+            raise
+        return sock
+
+    def control(self, request: int, payload: bytes = b"", fds: Optional[list[int]] = None) -> bytes:
+        with self.connect() as sock:
+            data, rfds = emu_call(sock, request, payload, fds or [])
+        for fd in rfds:
+            os.close(fd)
+        return data
+
+    def open_device(self) -> int:
+        sock = self.connect()
+        try:
+            emu_call(sock, EmuControl.OPEN_DEVICE, b"", [])
+        except BaseException:
+            sock.close()
+            raise
+        return sock.detach()
+
+    def ioctl(self, fd: int, request: Ioctl, arg: bytearray, fd_arg: Optional[int]) -> None:
+        if request in uapi.DEVICE_IOCTLS:
+            # ``fd`` is the device connection itself.
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                reply, rfds = emu_call(sock, request, bytes(arg), [])
+        else:
+            fds = [fd] if fd_arg is None else [fd, fd_arg]
+            with self.connect() as sock:
+                reply, rfds = emu_call(sock, request, bytes(arg), fds)
+        arg[: len(reply)] = reply
+        if rfds:
+            # The emulator's fd number means nothing here; put ours where the kernel would have.
+            struct.pack_into("<i", arg, 4, rfds[0])
+            for extra in rfds[1:]:
+                os.close(extra)
+
+
+class Device:
+    """An open /dev/liveupdate.  Only session creation and retrieval happen on the device."""
+
+    def __init__(self, backend: Backend, fd: int) -> None:
+        self.backend = backend
+        self.fd = fd
+
+    def create_session(self, name: bytes) -> int:
+        """Creates an outgoing session; returns its fd (owned by the caller)."""
+        return self._session_call(Ioctl.CREATE_SESSION, name)
+
+    def retrieve_session(self, name: bytes) -> int:
+        """Retrieves an incoming session by name; returns its fd (owned by the caller)."""
+        return self._session_call(Ioctl.RETRIEVE_SESSION, name)
+
+    def _session_call(self, request: Ioctl, name: bytes) -> int:
+        arg = uapi.new_arg(request)
+        try:
+            arg.name = uapi.encode_name(name)
+        except ValueError:
+            raise kernel_error(request, errno.EINVAL, _quote(name)) from None
+        buf = bytearray(arg)
+        self.backend.call(self.fd, request, buf, None, _quote(name))
+        return int(ARG_FD.unpack_from(buf, 4)[0])
+
+
+ARG_FD = struct.Struct("<i")
+
+
+def _quote(name: bytes) -> str:
+    return "'" + name.decode(errors="backslashreplace") + "'"
+
+
+class Backend:
+    """The LUO operations over one transport (kernel or emulator)."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    @property
+    def kind(self) -> str:
+        return self.transport.kind
+
+    @contextlib.contextmanager
+    def device(self) -> Iterator[Device]:
+        """Opens the device for the duration of the block.  Raises DeviceBusy if someone else has it."""
+        try:
+            fd = self.transport.open_device()
+        except OSError as e:
+            raise kernel_error(None, e.errno or errno.EIO) from None
+        try:
+            yield Device(self, fd)
+        finally:
+            os.close(fd)
+
+    def call(self, fd: int, request: Ioctl, buf: bytearray, fd_arg: Optional[int], subject: str) -> None:
+        """Issues one ioctl with a raw argument buffer; errors become typed ``KernelError``s."""
+        try:
+            self.transport.ioctl(fd, request, buf, fd_arg)
+        except OSError as e:
+            raise kernel_error(request, e.errno or errno.EIO, subject) from None
+
+    def preserve_fd(self, session: int, fd: int, token: int) -> None:
+        arg = uapi.liveupdate_session_preserve_fd(size=ctypes.sizeof(uapi.liveupdate_session_preserve_fd))
+        arg.fd = fd
+        arg.token = _check_token(token, Ioctl.SESSION_PRESERVE_FD)
+        self.call(session, Ioctl.SESSION_PRESERVE_FD, bytearray(arg), fd, f"(token {token})")
+
+    def retrieve_fd(self, session: int, token: int) -> int:
+        arg = uapi.liveupdate_session_retrieve_fd(size=ctypes.sizeof(uapi.liveupdate_session_retrieve_fd))
+        arg.token = _check_token(token, Ioctl.SESSION_RETRIEVE_FD)
+        buf = bytearray(arg)
+        self.call(session, Ioctl.SESSION_RETRIEVE_FD, buf, None, f"(token {token})")
+        return int(ARG_FD.unpack_from(buf, 4)[0])
+
+    def finish(self, session: int) -> None:
+        self.call(session, Ioctl.SESSION_FINISH, bytearray(uapi.new_arg(Ioctl.SESSION_FINISH)), None, "")
+
+    def session_name(self, session: int) -> bytes:
+        """The name of a session fd; raises KernelError if ``session`` is no LUO session."""
+        buf = bytearray(uapi.new_arg(Ioctl.SESSION_GET_NAME))
+        self.call(session, Ioctl.SESSION_GET_NAME, buf, None, "")
+        return uapi.decode_name(uapi.liveupdate_session_get_name.from_buffer(buf).name)
+
+    def is_session(self, fd: int) -> bool:
+        try:
+            self.session_name(fd)
+        except KernelError:
+            return False
+        return True
+
+
+def _check_token(token: int, request: Ioctl) -> int:
+    if not 0 <= token < 1 << 64:
+        raise kernel_error(request, errno.EINVAL, f"(token {token} is not a u64)")
+    return token
+
+
+def kernel_backend(path: str = uapi.LIVEUPDATE_DEV) -> Backend:
+    return Backend(KernelTransport(path))
+
+
+def emulator_backend(path: str = DEFAULT_EMULATOR_SOCKET) -> Backend:
+    return Backend(EmulatorTransport(path))
