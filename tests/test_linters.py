@@ -10,7 +10,7 @@ TOP = Path(__file__).resolve().parent.parent
 
 
 def run(*argv: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", *argv], cwd=TOP, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", *argv], cwd=TOP, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -19,6 +19,7 @@ import fcntl
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from typing import Optional, Protocol
 
@@ -195,12 +196,20 @@ class Backend:
         return self.transport.kind
 
     @contextlib.contextmanager
-    def device(self) -> Iterator[Device]:
-        """Opens the device for the duration of the block.  Raises DeviceBusy if someone else has it."""
-        try:
-            fd = self.transport.open_device()
-        except OSError as e:
-            raise kernel_error(None, e.errno or errno.EIO) from None
+    def device(self, busy_retries: int = 0, backoff_sec: float = 0.05) -> Iterator[Device]:
+        """Opens the device for the duration of the block.
+
+        Another opener (systemd >= 261 opens it briefly at boot, service start and shutdown) gives EBUSY;
+        that is retried ``busy_retries`` times with a doubling delay, then raised as DeviceBusy.
+        """
+        for attempt in range(busy_retries + 1):
+            try:
+                fd = self.transport.open_device()
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or attempt == busy_retries:
+                    raise kernel_error(None, e.errno or errno.EIO) from None
+            time.sleep(backoff_sec * (1 << attempt))
         try:
             yield Device(self, fd)
         finally:

@@ -1,0 +1,211 @@
+"""luod: the live-update agent.  Wires configuration, the LUO backend, the broker and the two interfaces.
+
+Start-up order matters: first the fds the service manager kept for us (a restart after a crash), else the
+sessions the previous kernel carried (the first start after a live update); only then are the
+interfaces opened and READY=1 sent.  See luod(8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Optional
+
+from luo_systemd import cgroups, config, journal, names
+from luo_systemd.broker import Broker, BrokerConfig, FdStore, NoFdStore, Problem
+from luo_systemd.errors import LuoError
+from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
+from luo_systemd.policy import Policy, parse_policy
+
+log = logging.getLogger("luod")
+
+VARLINK_FDNAME = "varlink"  # FileDescriptorName= of luod.socket
+DROPIN_NAME = "50-liveupdate.conf"  # what the generator writes into each opted-in unit's drop-in directory
+
+
+class SystemdFdStore:
+    """Our own fd store: each fd is pushed with FDSTORE=1, FDNAME=key and FDPOLL=0 (session fds of the
+    emulator are sockets that may report POLLHUP; systemd would drop them)."""
+
+    def keep(self, key: str, fd: int) -> None:
+        from systemd import daemon  # noqa: PLC0415 - imported only under a service manager
+
+        if not daemon.notify(f"FDSTORE=1\nFDNAME={key}\nFDPOLL=0", fds=[fd]):
+            log.warning("Could not keep %s in the fd store: an agent crash would lose it", key)
+
+    def drop(self, key: str) -> None:
+        from systemd import daemon  # noqa: PLC0415
+
+        daemon.notify(f"FDSTOREREMOVE=1\nFDNAME={key}")
+
+
+def notify(message: str) -> None:
+    if os.environ.get("NOTIFY_SOCKET"):
+        from systemd import daemon  # noqa: PLC0415
+
+        daemon.notify(message)
+
+
+def listen_fds() -> dict[str, list[int]]:
+    """fds passed by the service manager (socket activation and our fd store), by name."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    fdnames = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    out: dict[str, list[int]] = {}
+    for i in range(count):
+        fd = 3 + i
+        os.set_inheritable(fd, False)
+        out.setdefault(fdnames[i] if i < len(fdnames) else "unknown", []).append(fd)
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return out
+
+
+def policy_reader(policy_dir: str):  # type: ignore[no-untyped-def]
+    """Reads a unit's [X-LiveUpdate] as the generator normalized it (a template's applies to instances)."""
+
+    def policy_of(unit: str) -> Optional[Policy]:
+        for name in (unit, names.template_of(unit)):
+            if name is None:
+                continue
+            path = os.path.join(policy_dir, name + ".d", DROPIN_NAME)
+            try:
+                with open(path) as f:
+                    return parse_policy([f.read()])
+            except FileNotFoundError:
+                continue
+            except LuoError as e:
+                log.error("Ignoring %s: %s", path, e)
+        return None
+
+    return policy_of
+
+
+def make_backend(cfg: config.Config) -> Backend:
+    return emulator_backend(cfg.emulator_socket) if cfg.backend == "emulator" else kernel_backend()
+
+
+def kill_exemption_check() -> list[Problem]:
+    """The agent must outlive systemd-shutdown's kill: argv[0] '@…' (any systemd) or SurviveFinalKillSignal=."""
+    with open("/proc/self/cmdline", "rb") as f:
+        argv0 = f.read().split(b"\0", 1)[0]
+    if argv0.startswith(b"@") or os.environ.get("LUOD_SURVIVES_FINAL_KILL") == "1":
+        return []
+    return [
+        Problem(
+            "luod.service",
+            "the agent is not exempt from the shutdown kill: its sessions would be "
+            "closed before the kexec (is luo-systemd-generator installed?)",
+        )
+    ]
+
+
+async def run(cfg: config.Config) -> int:
+    fds = listen_fds()
+    store: FdStore = SystemdFdStore() if os.environ.get("NOTIFY_SOCKET") else NoFdStore()
+    if isinstance(store, NoFdStore):
+        log.warning("Not running under a service manager: an agent crash would lose every stored fd")
+    backend = make_backend(cfg)
+    broker = Broker(
+        backend,
+        policy_reader(cfg.policy_dir),
+        store,
+        BrokerConfig(max_fds_total=cfg.max_fds_total, busy_retries=cfg.busy_retries, env_dir=cfg.env_dir),
+        extra_checks=(kill_exemption_check,),
+    )
+    kept = {key: fdl[0] for key, fdl in fds.items() if key.startswith("luod-")}
+    if broker.recover(kept):
+        pass
+    else:
+        try:
+            manifest = broker.restore()
+        except LuoError as e:
+            log.warning("Nothing restored: %s", e)
+            manifest = None
+        if manifest is not None:
+            log.info("Live update %d: restored %d unit(s)", manifest.update_count, len(manifest.units))
+
+    cgroup_root = cgroups.manager_root(cgroups.cgroup_path("self"))
+    tasks: list[asyncio.Task[object]] = []
+    from luo_systemd.varlink_service import VarlinkService  # noqa: PLC0415
+
+    listener = activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
+    tasks.append(asyncio.ensure_future(VarlinkService(broker, cgroup_root).serve(listener)))
+    bus = None
+    if cfg.dbus:
+        from luo_systemd.dbus_service import BUS_NAME, OBJECT_PATH, Agent1, AgentBus, install_fd_guard  # noqa: PLC0415
+
+        bus = await AgentBus().connect()
+        agent = Agent1(bus, broker, cgroup_root)
+        install_fd_guard(bus, agent)
+        bus.export(OBJECT_PATH, agent)
+        await bus.request_name(BUS_NAME)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    expiry: list[Optional[asyncio.TimerHandle]] = [None]
+
+    def schedule_expiry() -> None:
+        if expiry[0] is not None:
+            expiry[0].cancel()
+        wait = broker.next_expiry()
+        expiry[0] = loop.call_later(wait + 0.5, on_expiry) if wait is not None else None
+
+    def on_expiry() -> None:
+        broker.expire_orphans()
+        schedule_expiry()
+
+    broker.listeners.append(schedule_expiry)
+    schedule_expiry()
+    notify(f"READY=1\nSTATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), backend {backend.kind}")
+    log.info("luod ready (backend %s, phase %s)", backend.kind, broker.phase.value)
+    await stop.wait()
+    # Our fds live on in the fd store; a restart picks them up.
+    notify("STOPPING=1")
+    for task in tasks:
+        task.cancel()
+    if bus is not None:
+        bus.disconnect()  # type: ignore[no-untyped-call]
+    return 0
+
+
+def activated_or_bound(fds: Optional[list[int]], path: str) -> socket.socket:
+    if fds:
+        return socket.socket(fileno=fds[0])
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.bind(path)
+    os.chmod(path, 0o666)  # open to local callers: every method authorizes its caller itself
+    sock.listen(128)
+    return sock
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="luod", description="The live-update agent (see luod(8)).")
+    parser.add_argument("--config", action="append", help="read this file instead of the standard ones")
+    args = parser.parse_args(argv)
+    journal.setup("luod")
+    try:
+        cfg = config.load(args.config or config.config_files())
+    except LuoError as e:
+        log.error("Bad configuration: %s", e)
+        return 1
+    try:
+        return asyncio.run(run(cfg))
+    except LuoError as e:
+        log.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

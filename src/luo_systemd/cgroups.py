@@ -1,0 +1,94 @@
+"""Who is calling: a process's unit, from its cgroup (as systemd's cg_pid_get_unit() finds it).
+
+A caller is named by its PID (D-Bus) or by the peer of a Unix socket (Varlink).  The PID is pinned with a
+pidfd before the cgroup is read, and the process must still be alive after the read, so a PID that is
+reused in between cannot lend its unit to another process.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+from typing import Optional
+
+from luo_systemd.errors import AccessDenied
+from luo_systemd.names import is_unit_name
+
+SO_PEERPIDFD = 77  # Linux 6.5; not in Python's socket module yet
+
+
+def cgroup_path(pid: int | str) -> str:
+    """The path of the cgroup systemd tracks the process in (name=systemd on hybrid, else the unified one)."""
+    unified = None
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controllers == "name=systemd":
+                return path
+            if controllers == "":
+                unified = path
+    if unified is None:
+        raise OSError(f"process {pid} has no systemd cgroup")
+    return unified
+
+
+def unit_of_cgroup(path: str, root: str = "/") -> Optional[str]:
+    """'/system.slice/foo.service/sub' -> 'foo.service' (slices skipped); None outside any unit."""
+    root = root.rstrip("/")
+    if root and not (path == root or path.startswith(root + "/")):
+        return None
+    for part in path[len(root) :].split("/"):
+        if not part or part.endswith(".slice"):
+            continue
+        return part if is_unit_name(part) else None
+    return None
+
+
+def manager_root(own_cgroup: str) -> str:
+    """The cgroup of the service manager that runs us: the path above our unit and the slices over it.
+
+    '/system.slice/luod.service' -> '/' ; '/test-123/app.slice/luod.service' -> '/test-123'.
+    """
+    parts = own_cgroup.strip("/").split("/")
+    for index, part in enumerate(parts):
+        if is_unit_name(part) and not part.endswith(".slice"):
+            top = index
+            while top > 0 and parts[top - 1].endswith(".slice"):
+                top -= 1
+            return "/" + "/".join(parts[:top])
+    return "/"
+
+
+def pidfd_alive(pidfd: int) -> bool:
+    """A pidfd becomes readable when its process exits."""
+    readable, _, _ = select.select([pidfd], [], [], 0)
+    return not readable
+
+
+def unit_of_pid(pid: int, root: str, pidfd: Optional[int] = None) -> Optional[str]:
+    """The unit of a live process; AccessDenied if it exited (or was replaced) while we looked."""
+    own = pidfd is None
+    try:
+        if pidfd is None:
+            pidfd = os.pidfd_open(pid)
+        path = cgroup_path(pid)
+        if not pidfd_alive(pidfd):
+            raise AccessDenied(f"process {pid} exited while its credentials were checked")
+    except (ProcessLookupError, FileNotFoundError):
+        raise AccessDenied(f"process {pid} exited while its credentials were checked") from None
+    finally:
+        if own and pidfd is not None:
+            os.close(pidfd)
+    return unit_of_cgroup(path, root)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, Optional[int]]:
+    """(pid, uid, pidfd or None) of a connected Unix socket's peer."""
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    try:
+        pidfd: Optional[int] = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+    except OSError:
+        pidfd = None  # before Linux 6.5: pinned by pidfd_open() instead
+    return pid, uid, pidfd

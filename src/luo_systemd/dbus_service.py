@@ -1,0 +1,323 @@
+"""The D-Bus service io.liveupdate.Agent1 at /io/liveupdate/Agent1 (dbus-next, server side).
+
+Method bodies are thin: find the caller, call the broker, map errors.  The known dbus-next defects are
+worked around here, each with a test in tests/test_dbus.py:
+- fds of calls that never reach a method (unknown method, wrong signature, built-in handlers) are leaked
+  by dbus-next: ``close_unclaimed_fds`` closes them after dispatch; methods close their own in ``finally``;
+- closing a returned fd before the reply is written kills the connection: returned fds are closed when
+  the send completes (``AgentBus.send``);
+- a full socket buffer (EAGAIN) tears the connection down: ``PatientWriter`` waits for writability;
+- unhandled exceptions go back with a traceback: every method maps errors itself (``dbus_method``);
+- at most 16 fds per message: calls and replies are limited to 16 fds;
+- a client without fd negotiation sends ``None`` for 'h': refused as InvalidFd.
+
+No ``from __future__ import annotations`` here: dbus-next reads the D-Bus signatures from annotations.
+"""
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Awaitable
+from typing import Any, Callable
+
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import BusType, MessageType, PropertyAccess
+from dbus_next.errors import DBusError
+from dbus_next.message import Message
+from dbus_next.service import ServiceInterface, dbus_property, method, signal
+
+from luo_systemd import cgroups, errors
+from luo_systemd.broker import Broker, Caller, Problem
+
+log = logging.getLogger("luod")
+
+BUS_NAME = "io.liveupdate.Agent1"
+OBJECT_PATH = "/io/liveupdate/Agent1"
+INTERFACE = "io.liveupdate.Agent1"
+REVISION = 1  # bumped on additive changes; the "1" in the name is the major version
+CURRENT_SENDER: contextvars.ContextVar[str] = contextvars.ContextVar("sender")
+MAX_FDS_PER_MESSAGE = 16  # the bus daemon's limit as dbus-next handles it: more silently become None
+
+
+def _patient_write_callback(writer: Any) -> None:
+    """A copy of dbus-next 0.2.3's loop, with BlockingIOError treated as "try again when writable"."""
+    import array  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    from dbus_next.aio.message_bus import _future_set_exception, _future_set_result  # noqa: PLC0415
+
+    try:
+        while True:
+            if writer.buf is None:
+                if writer.messages.qsize() == 0:
+                    writer.loop.remove_writer(writer.fd)
+                    return
+                buf, unix_fds, fut = writer.messages.get_nowait()
+                writer.unix_fds = unix_fds
+                writer.buf = memoryview(buf)
+                writer.offset = 0
+                writer.fut = fut
+            try:
+                if writer.unix_fds and writer.negotiate_unix_fd:
+                    ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", writer.unix_fds))]
+                    writer.offset += writer.sock.sendmsg([writer.buf[writer.offset :]], ancdata)
+                    writer.unix_fds = None
+                else:
+                    writer.offset += writer.sock.send(writer.buf[writer.offset :])
+            except BlockingIOError:
+                return  # still registered as a writer: called again when the socket drains
+            if writer.offset >= len(writer.buf):
+                writer.buf = None
+                _future_set_result(writer.fut, None)
+            else:
+                return
+    except Exception as e:
+        _future_set_exception(writer.fut, e)
+        writer.bus._finalize(e)
+
+
+class AgentBus(MessageBus):
+    def __init__(self, bus_type: BusType = BusType.SYSTEM) -> None:
+        super().__init__(bus_type=bus_type, negotiate_unix_fd=True)
+        # dbus-next has no hook for this: replace the one method of its writer.
+        self._writer.write_callback = functools.partial(_patient_write_callback, self._writer)  # type: ignore[method-assign]
+
+    def send(self, msg: Message) -> "asyncio.Future[None]":  # type: ignore[override]  # the aio bus returns a Future
+        future: asyncio.Future[None] = super().send(msg)
+        if msg.message_type is MessageType.METHOD_RETURN and msg.unix_fds:
+            fds = list(msg.unix_fds)
+            future.add_done_callback(lambda _: _close_all(fds))  # only once they are on the wire
+        return future
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _problems(problems: list[Problem]) -> list[list[str]]:
+    return [[p.unit, p.message] for p in problems]
+
+
+def dbus_method(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """Resolves the caller, runs the body, closes received fds, maps every error to a named D-Bus error."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: "Agent1", *args: Any) -> Any:
+        received = [fd for fd in _fds_in(args)]
+        try:
+            caller = await self.caller()
+            return fn(self, caller, *args)
+        except errors.LuoError as e:
+            raise DBusError(e.dbus_name, e.message) from None
+        except DBusError:
+            raise
+        except Exception as e:
+            log.exception("Internal error in %s", fn.__name__)
+            raise DBusError(errors.LuoError().dbus_name, f"internal error: {type(e).__name__}") from None
+        finally:
+            _close_all(received)
+
+    # dbus-next reads the D-Bus signature from the annotations: show it the method without ``caller``.
+    signature = inspect.signature(fn)
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for name, p in signature.parameters.items() if name != "caller"]
+    )
+    return wrapper
+
+
+def _fds_in(args: Any) -> list[int]:
+    """The fds dbus-next put in place of 'h' values (only StoreFds takes fds: a(sh))."""
+    out: list[int] = []
+    for arg in args:
+        if isinstance(arg, list):
+            out += [item[1] for item in arg if isinstance(item, list) and len(item) == 2 and isinstance(item[1], int)]
+    return out
+
+
+class Agent1(ServiceInterface):
+    def __init__(self, bus: MessageBus, broker: Broker, cgroup_root: str) -> None:
+        super().__init__(INTERFACE)
+        self.bus = bus
+        self.broker = broker
+        self.cgroup_root = cgroup_root
+        self._credentials: dict[str, tuple[int, int]] = {}
+        self._last_phase = broker.phase
+        broker.listeners.append(self._broker_changed)
+
+    async def caller(self) -> Caller:
+        sender = CURRENT_SENDER.get()
+        creds = self._credentials.get(sender)
+        if creds is None:
+            reply = await self.bus.call(
+                Message(
+                    destination="org.freedesktop.DBus",
+                    path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus",
+                    member="GetConnectionCredentials",
+                    signature="s",
+                    body=[sender],
+                )
+            )
+            if reply is None or reply.message_type is MessageType.ERROR:
+                raise errors.AccessDenied(f"cannot get the credentials of {sender}")
+            body = reply.body[0]
+            creds = (int(body["ProcessID"].value), int(body["UnixUserID"].value))
+            self._credentials[sender] = creds
+        pid, uid = creds
+        return Caller(uid=uid, pid=pid, unit=cgroups.unit_of_pid(pid, self.cgroup_root))
+
+    def forget(self, name: str) -> None:
+        self._credentials.pop(name, None)
+
+    def _broker_changed(self) -> None:
+        phase = self.broker.phase
+        self.emit_properties_changed(
+            {
+                "Phase": phase.value,
+                "LiveUpdateCount": self.broker.update_count,
+                "Problems": _problems(self.broker.problems),
+            }
+        )
+        if phase is not self._last_phase:
+            self._last_phase = phase
+            self.PhaseChanged(phase.value)
+
+    # -- the fd-store-compatible part
+
+    @method()
+    @dbus_method
+    def StoreFds(self, caller: Caller, unit: "s", fds: "a(sh)") -> "":
+        if len(fds) > MAX_FDS_PER_MESSAGE:
+            raise errors.LimitExceeded(f"at most {MAX_FDS_PER_MESSAGE} fds per call; send several calls")
+        if any(fd is None for _, fd in fds):
+            raise errors.InvalidFd("no fd arrived: connect with unix fd negotiation (negotiate_unix_fd=True)")
+        self.broker.store(caller, unit, [(name, fd) for name, fd in fds])
+
+    @method()
+    @dbus_method
+    def RemoveFds(self, caller: Caller, unit: "s", names: "as") -> "":
+        self.broker.remove(caller, unit, list(names))
+
+    @method()
+    @dbus_method
+    def ListFds(self, caller: Caller, unit: "s") -> "a(sssus)":
+        return [
+            [r["name"], r["kind"], r["state"], r["order"], r["session"]] for r in self.broker.list_fds(caller, unit)
+        ]
+
+    @method()
+    @dbus_method
+    def RetrieveFds(self, caller: Caller, unit: "s", names: "as") -> "a(sh)":
+        if len(names) > MAX_FDS_PER_MESSAGE:
+            raise errors.LimitExceeded(f"at most {MAX_FDS_PER_MESSAGE} fds per reply; ask in batches")
+        got = self.broker.retrieve(caller, unit, list(names))
+        if len(got) > MAX_FDS_PER_MESSAGE:
+            _close_all([fd for _, fd in got])
+            raise errors.LimitExceeded(f"more than {MAX_FDS_PER_MESSAGE} fds restored: ask by name, in batches")
+        return [[name, fd] for name, fd in got]
+
+    @method()
+    @dbus_method
+    def Finish(self, caller: Caller, unit: "s") -> "b":
+        return self.broker.finish(caller, unit)
+
+    @method()
+    @dbus_method
+    def Preserve(self, caller: Caller, unit: "s") -> "u":
+        return self.broker.preserve(caller, unit)
+
+    @method()
+    @dbus_method
+    def CreateSession(self, caller: Caller, unit: "s", name: "s") -> "h":
+        return self.broker.create_session(caller, unit, name)
+
+    @method()
+    @dbus_method
+    def RetrieveSession(self, caller: Caller, unit: "s", name: "s") -> "h":
+        return self.broker.retrieve_session(caller, unit, name)
+
+    # -- management
+
+    @method()
+    @dbus_method
+    def ListUnits(self, caller: Caller) -> "a(suuuub)":
+        units = self.broker.status()["units"]
+        assert isinstance(units, list)
+        return [[u["unit"], u["stored"], u["preserved"], u["restored"], u["sessions"], u["finished"]] for u in units]
+
+    @method()
+    @dbus_method
+    def Preflight(self, caller: Caller) -> "a(ss)":
+        return _problems(self.broker.preflight())
+
+    @method()
+    @dbus_method
+    def Arm(self, caller: Caller, force: "b") -> "a(ss)":
+        return _problems(self.broker.arm(caller, force))
+
+    @method()
+    @dbus_method
+    def Cancel(self, caller: Caller) -> "":
+        self.broker.cancel(caller)
+
+    @method()
+    @dbus_method
+    def Discard(self, caller: Caller, unit: "s") -> "":
+        self.broker.discard(caller, unit)
+
+    # -- properties and signals
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Phase(self) -> "s":
+        return self.broker.phase.value
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Supported(self) -> "b":
+        return bool(self.broker.status()["supported"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Backend(self) -> "s":
+        return self.broker.backend.kind
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LiveUpdateCount(self) -> "u":
+        return self.broker.update_count
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Problems(self) -> "a(ss)":
+        return _problems(self.broker.problems)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Revision(self) -> "u":
+        return REVISION
+
+    @signal()
+    def PhaseChanged(self, phase: str) -> "s":
+        return phase
+
+
+def install_fd_guard(bus: MessageBus, agent: Agent1) -> None:
+    """Closes the fds of every call that does not reach one of our methods, once dispatch is over, and
+    remembers each call's sender for ``Agent1.caller``."""
+    ours = {m.name: m.in_signature for m in ServiceInterface._get_methods(agent)}
+    loop = asyncio.get_event_loop()
+
+    def handler(msg: Message) -> None:
+        if msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged" and not msg.body[2]:
+            agent.forget(msg.body[0])
+        if msg.message_type is not MessageType.METHOD_CALL:
+            return
+        CURRENT_SENDER.set(msg.sender)  # the method's task is created next, copying this context
+        reaches_us = msg.interface == INTERFACE and ours.get(msg.member) == msg.signature and msg.path == OBJECT_PATH
+        if msg.unix_fds and not reaches_us:
+            fds = list(msg.unix_fds)
+            loop.call_soon(_close_all, fds)
+
+    bus.add_message_handler(handler)

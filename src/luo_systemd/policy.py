@@ -1,0 +1,148 @@
+"""A unit's live-update policy: the ``[X-LiveUpdate]`` section of its unit file and drop-ins.
+
+stdlib only: the generator parses unit files with it at every boot.  The generator writes the validated,
+normalized section into the unit's drop-in (systemd ignores ``X-`` sections), where the agent reads it.
+See luo-systemd.directives(5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Iterable
+
+from luo_systemd.errors import InvalidRequest
+from luo_systemd.names import check_client_session_name, check_fd_name
+
+SECTION = "X-LiveUpdate"
+DEFAULT_FD_MAX = 64
+FD_MAX_LIMIT = 4096
+DEFAULT_RETURN_TIMEOUT_SEC = 300
+
+
+class PreserveAt(str, enum.Enum):
+    STOP = "stop"  # when the unit stops for the kexec (after its own ExecStop=)
+    STORE = "store"  # as soon as an fd is stored: less work in the blackout, but the size freezes early
+
+
+class FinishMode(str, enum.Enum):
+    AUTO = "auto"  # luo-hook started finishes the unit's session once the service is up
+    EXPLICIT = "explicit"  # the service calls Finish itself after its own restore steps
+
+
+class NoReturn(str, enum.Enum):
+    KEEP = "keep"  # keep the restored fds, and carry them into the next update
+    DISCARD = "discard"  # free them
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    fd_names: tuple[str, ...] = ()  # the fd names to carry; empty: all
+    preserve_at: PreserveAt = PreserveAt.STOP
+    finish: FinishMode = FinishMode.AUTO
+    sessions: tuple[str, ...] = ()  # client session names the unit may create
+    fd_max: int = DEFAULT_FD_MAX
+    on_no_return: NoReturn = NoReturn.KEEP
+    return_timeout_sec: int = DEFAULT_RETURN_TIMEOUT_SEC
+
+    def carries(self, fd_name: str) -> bool:
+        return not self.fd_names or fd_name in self.fd_names
+
+    def to_section(self) -> str:
+        """The normalized section, as the generator writes it into the unit's drop-in."""
+        lines = [f"[{SECTION}]"]
+        if self.fd_names:
+            lines.append("FileDescriptorNames=" + " ".join(self.fd_names))
+        lines += [
+            f"PreserveAt={self.preserve_at.value}",
+            f"Finish={self.finish.value}",
+        ]
+        if self.sessions:
+            lines.append("Sessions=" + " ".join(self.sessions))
+        lines += [
+            f"FileDescriptorMax={self.fd_max}",
+            f"OnNoReturn={self.on_no_return.value}",
+            f"ReturnTimeoutSec={self.return_timeout_sec}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def read_unit_lines(text: str) -> Iterable[tuple[str, str, str]]:
+    """Yields (section, key, value) of a unit file, with systemd's comment and continuation rules; a
+    section header yields (section, "", "")."""
+    section = ""
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip() if not pending else raw.rstrip()
+        if not pending and (not line or line[0] in "#;"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = (pending + line).strip(), ""
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            yield section, "", ""
+            continue
+        key, eq, value = line.partition("=")
+        if eq:
+            yield section, key.strip(), value.strip()
+
+
+_TIME_RE = re.compile(r"^(\d+)\s*(s|sec|m|min|h|)$")
+_TIME_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def _seconds(value: str) -> int:
+    m = _TIME_RE.match(value)
+    if not m:
+        raise InvalidRequest(f"ReturnTimeoutSec={value!r} is not a time (e.g. 300, 5min, 1h)")
+    return int(m.group(1)) * _TIME_UNITS[m.group(2)]
+
+
+def _enum(cls: type[enum.Enum], key: str, value: str) -> enum.Enum:
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = "|".join(str(e.value) for e in cls)
+        raise InvalidRequest(f"{key}={value!r}: expected {allowed}") from None
+
+
+def parse_policy(texts: Iterable[str]) -> Policy | None:
+    """The policy from a unit file and its drop-ins, in the order systemd applies them.
+
+    None if no file has an ``[X-LiveUpdate]`` section (the unit did not opt in).  A malformed section
+    raises InvalidRequest naming the key.
+    """
+    found = False
+    fields: dict[str, object] = {}
+    for text in texts:
+        for section, key, value in read_unit_lines(text):
+            if section != SECTION:
+                continue
+            found = True
+            if not key:
+                continue
+            if key == "FileDescriptorNames":
+                # As for systemd's list settings: an empty assignment resets, others add.
+                names = tuple(check_fd_name(n) for n in value.split())
+                fields["fd_names"] = (*fields.get("fd_names", ()), *names) if value else ()  # type: ignore[misc]
+            elif key == "Sessions":
+                names = tuple(check_client_session_name(n) for n in value.split())
+                fields["sessions"] = (*fields.get("sessions", ()), *names) if value else ()  # type: ignore[misc]
+            elif key == "PreserveAt":
+                fields["preserve_at"] = _enum(PreserveAt, key, value)
+            elif key == "Finish":
+                fields["finish"] = _enum(FinishMode, key, value)
+            elif key == "OnNoReturn":
+                fields["on_no_return"] = _enum(NoReturn, key, value)
+            elif key == "FileDescriptorMax":
+                if not value.isdigit() or not 1 <= int(value) <= FD_MAX_LIMIT:
+                    raise InvalidRequest(f"FileDescriptorMax={value!r}: expected 1..{FD_MAX_LIMIT}")
+                fields["fd_max"] = int(value)
+            elif key == "ReturnTimeoutSec":
+                fields["return_timeout_sec"] = _seconds(value)
+            else:
+                raise InvalidRequest(f"unknown key {key}= in [{SECTION}]")
+    return Policy(**fields) if found else None  # type: ignore[arg-type]

@@ -1,0 +1,160 @@
+"""Varlink framing over a Unix stream socket, with fds attached as SCM_RIGHTS (stdlib only).
+
+A message is a JSON object terminated by NUL.  fds travel with the message they belong to: one sendmsg()
+per message, and a peer has at most one call in flight on a connection, so the fds received while a
+message is read are that message's.  The client here is synchronous and light: hooks import it at every
+unit start and stop.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import json
+import os
+import socket
+from typing import Any, Optional
+
+from luo_systemd import errors
+
+MAX_MESSAGE = 1 << 20
+MAX_FDS = 253  # SCM_MAX_FD
+INTERFACE = "io.liveupdate.Agent"
+
+
+def send_message(sock: socket.socket, doc: dict[str, Any], fds: list[int] = ()) -> None:  # type: ignore[assignment]
+    data = json.dumps(doc, separators=(",", ":")).encode() + b"\0"
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sent = sock.sendmsg([data], anc)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+class Reader:
+    """Splits a stream into NUL-terminated messages and collects the fds that came with them."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.fds: list[int] = []
+
+    def feed(self, sock: socket.socket) -> bool:
+        """Reads what is there; False on EOF.  Raises OSError(EMSGSIZE) on oversized input."""
+        data, anc, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                self.fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % 4]))
+        if flags & socket.MSG_CTRUNC:
+            raise OSError(errno.EMSGSIZE, f"more than {MAX_FDS} fds in one message")
+        if not data:
+            return False
+        self.buffer += data
+        if len(self.buffer) > MAX_MESSAGE and b"\0" not in self.buffer:
+            raise OSError(errno.EMSGSIZE, f"message larger than {MAX_MESSAGE} bytes")
+        return True
+
+    def next_message(self) -> Optional[tuple[dict[str, Any], list[int]]]:
+        end = self.buffer.find(b"\0")
+        if end < 0:
+            return None
+        raw = bytes(self.buffer[:end])
+        del self.buffer[: end + 1]
+        fds, self.fds = self.fds, []
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            close_all(fds)
+            raise OSError(errno.EBADMSG, "message is not JSON") from None
+        if not isinstance(doc, dict):
+            close_all(fds)
+            raise OSError(errno.EBADMSG, "message is not a JSON object")
+        return doc, fds
+
+    def close(self) -> None:
+        close_all(self.fds)
+        self.fds = []
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+ERROR_CLASSES = {cls.name: cls for cls in errors.all_error_classes()}
+
+
+def error_reply(e: errors.LuoError) -> dict[str, Any]:
+    """The one place where errors become Varlink errors."""
+    params: dict[str, Any] = {"message": e.message}
+    if e.errno is not None:
+        params["errno"] = e.errno
+    return {"error": e.varlink_error, "parameters": params}
+
+
+def raise_error(reply: dict[str, Any]) -> None:
+    """The client side: a Varlink error becomes the LuoError it was."""
+    name = str(reply["error"])
+    params = reply.get("parameters") or {}
+    message = str(params.get("message", name))
+    if name.startswith(errors.VARLINK_ERROR_PREFIX):
+        cls = ERROR_CLASSES.get(name[len(errors.VARLINK_ERROR_PREFIX) :], errors.LuoError)
+    else:
+        cls = errors.LuoError  # org.varlink.service.* and the like
+        message = f"{name}: {json.dumps(params)}"
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    if "errno" in params:
+        err.errno = int(params["errno"])
+    raise err
+
+
+class Client:
+    """A blocking Varlink client for one connection."""
+
+    def __init__(self, path: str, timeout: Optional[float] = None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise errors.AgentUnavailable(f"luod is not reachable at {path}: {e.strerror}") from None
+        self.reader = Reader()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+    def call(
+        self,
+        method: str,
+        parameters: Optional[dict[str, Any]] = None,
+        fds: list[int] = (),  # type: ignore[assignment]
+    ) -> tuple[dict[str, Any], list[int]]:
+        """Calls ``method`` (without the interface prefix); returns the reply's parameters and its fds
+        (owned by the caller).  Errors are raised as LuoError subclasses."""
+        doc: dict[str, Any] = {"method": f"{INTERFACE}.{method}"}
+        if parameters:
+            doc["parameters"] = parameters
+        try:
+            send_message(self.sock, doc, list(fds))
+            while (msg := self.reader.next_message()) is None:
+                if not self.reader.feed(self.sock):
+                    raise errors.AgentUnavailable("luod closed the connection")
+        except socket.timeout:
+            raise errors.AgentUnavailable(f"luod did not answer {method} in time") from None
+        except OSError as e:
+            raise errors.AgentUnavailable(f"talking to luod failed: {e.strerror or e}") from None
+        reply, reply_fds = msg
+        if "error" in reply:
+            close_all(reply_fds)
+            raise_error(reply)
+        return dict(reply.get("parameters") or {}), reply_fds

@@ -1,0 +1,253 @@
+"""The agent's Varlink service io.liveupdate.Agent on /run/luod/liveupdate.sock.
+
+The same operations as the D-Bus API, for hooks and light clients, plus fds in both directions (SCM_RIGHTS).
+The caller is the peer of the socket (SO_PEERCRED, pinned by SO_PEERPIDFD where the kernel has it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+from typing import Any, Callable, ClassVar
+
+from luo_systemd import cgroups, errors, varlink
+from luo_systemd.broker import Broker, Caller, Problem
+
+log = logging.getLogger("luod")
+
+MAX_FDS_PER_CALL = 64
+
+IDL = """\
+# Kernel live updates for systemd units: store named fds (memfds, LUO sessions) for a unit, get them back
+# after a live update.  A caller acts on its own unit (unit omitted); root may name any unit.
+interface io.liveupdate.Agent
+
+type FdInfo (name: string, kind: string, state: string, order: int, session: string)
+type UnitStatus (unit: string, stored: int, preserved: int, restored: int, sessions: int, finished: bool)
+type Problem (unit: string, message: string)
+
+# Stores the attached fds under the given names (one name per fd, in order); a stored name is replaced.
+method Store(unit: ?string, names: []string) -> ()
+# Forgets stored fds, like FDSTOREREMOVE=1.
+method Remove(unit: ?string, names: []string) -> ()
+method List(unit: ?string) -> (fds: []FdInfo)
+# After a live update: the restored fds (all, or by name), attached in the order of names.
+method Retrieve(unit: ?string, names: ?[]string) -> (names: []string)
+# Ends the unit's restore; its restored memfds are carried into the next update.
+method Finish(unit: ?string) -> (finished: bool)
+# The ExecStop= hook: preserves the unit's fds if a live update is under way.
+method Preserve(unit: ?string) -> (preserved: int)
+# A LUO session of the unit's own, kept alive by the agent until the kexec (the fd is attached).
+method CreateSession(unit: ?string, name: string) -> ()
+method RetrieveSession(unit: ?string, name: string) -> ()
+method Status() -> (phase: string, supported: bool, backend: string, live_update_count: int,
+                    units: []UnitStatus, problems: []Problem)
+method Preflight() -> (problems: []Problem)
+# Root only: decide a live update (the pre-flight must pass unless force).
+method Arm(force: ?bool) -> (problems: []Problem)
+method Cancel() -> ()
+method Discard(unit: string) -> ()
+"""
+
+ERRORS_IDL = "".join(f"error {cls.name} (message: string, errno: ?int)\n" for cls in errors.all_error_classes())
+
+SERVICE_INFO = {
+    "vendor": "luo-systemd",
+    "product": "luod",
+    "version": "1",
+    "url": "https://github.com/luo-systemd/luo-systemd",
+    "interfaces": ["org.varlink.service", varlink.INTERFACE],
+}
+
+
+def _unit(params: dict[str, Any]) -> str:
+    unit = params.get("unit") or ""
+    if not isinstance(unit, str):
+        raise errors.InvalidRequest("'unit' must be a string")
+    return unit
+
+
+def _names(params: dict[str, Any], key: str = "names") -> list[str]:
+    value = params.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise errors.InvalidRequest(f"'{key}' must be an array of strings")
+    return value
+
+
+def _problems(problems: list[Problem]) -> dict[str, Any]:
+    return {"problems": [dataclasses.asdict(p) for p in problems]}
+
+
+class VarlinkService:
+    def __init__(self, broker: Broker, cgroup_root: str) -> None:
+        self.broker = broker
+        self.cgroup_root = cgroup_root
+        self.connections: set[asyncio.Task[None]] = set()
+
+    async def serve(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        try:
+            while True:
+                conn, _ = await loop.sock_accept(listener)
+                task = asyncio.ensure_future(self._connection(conn))
+                self.connections.add(task)
+                task.add_done_callback(self.connections.discard)
+        finally:
+            for task in list(self.connections):
+                task.cancel()
+
+    async def _connection(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        reader = varlink.Reader()
+        readable = asyncio.Event()
+        loop.add_reader(conn.fileno(), readable.set)
+        try:
+            pid, uid, pidfd = cgroups.peer_credentials(conn)
+            conn.setblocking(False)
+            while True:
+                msg = reader.next_message()
+                if msg is None:
+                    readable.clear()
+                    await readable.wait()
+                    try:
+                        if not reader.feed(conn):
+                            return
+                    except BlockingIOError:
+                        continue
+                    continue
+                doc, fds = msg
+                reply, reply_fds = self._call(doc, fds, pid, uid, pidfd)
+                if doc.get("oneway"):
+                    varlink.close_all(reply_fds)
+                    continue
+                try:
+                    # Replies are small: a peer whose socket buffer is full is flooding us without reading.
+                    varlink.send_message(conn, reply, reply_fds)
+                except BlockingIOError:
+                    log.warning("Dropping Varlink client PID %d: it does not read its replies", pid)
+                    return
+                finally:
+                    varlink.close_all(reply_fds)
+        except OSError as e:
+            log.debug("Varlink connection ended: %s", e)
+        finally:
+            loop.remove_reader(conn.fileno())
+            reader.close()
+            conn.close()
+            if "pidfd" in locals() and pidfd is not None:
+                os.close(pidfd)
+
+    def _call(
+        self, doc: dict[str, Any], fds: list[int], pid: int, uid: int, pidfd: int | None
+    ) -> tuple[dict[str, Any], list[int]]:
+        """Runs one call; the received fds are always closed (the broker keeps dups of what it stores)."""
+        method = str(doc.get("method", ""))
+        params = doc.get("parameters") or {}
+        try:
+            if not isinstance(params, dict):
+                raise errors.InvalidRequest("'parameters' must be an object")
+            if len(fds) > MAX_FDS_PER_CALL:
+                raise errors.LimitExceeded(f"at most {MAX_FDS_PER_CALL} fds per call")
+            if method.startswith("org.varlink.service."):
+                return self._service_call(method, params), []
+            if not method.startswith(varlink.INTERFACE + "."):
+                return {
+                    "error": "org.varlink.service.InterfaceNotFound",
+                    "parameters": {"interface": method.rpartition(".")[0]},
+                }, []
+            handler = self.methods.get(method[len(varlink.INTERFACE) + 1 :])
+            if handler is None:
+                return {"error": "org.varlink.service.MethodNotFound", "parameters": {"method": method}}, []
+            caller = Caller(uid=uid, pid=pid, unit=cgroups.unit_of_pid(pid, self.cgroup_root, pidfd))
+            out, out_fds = handler(self, caller, params, fds)
+            return {"parameters": out}, out_fds
+        except errors.LuoError as e:
+            return varlink.error_reply(e), []
+        except Exception as e:  # a bug: log it whole, answer without a traceback
+            log.exception("Internal error in %s", method)
+            return varlink.error_reply(errors.LuoError(f"internal error in {method}: {type(e).__name__}")), []
+        finally:
+            varlink.close_all(fds)
+
+    def _service_call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        if method == "org.varlink.service.GetInfo":
+            return {"parameters": SERVICE_INFO}
+        if method == "org.varlink.service.GetInterfaceDescription":
+            if params.get("interface") != varlink.INTERFACE:
+                return {"error": "org.varlink.service.InterfaceNotFound", "parameters": params}
+            return {"parameters": {"description": IDL + "\n" + ERRORS_IDL}}
+        return {"error": "org.varlink.service.MethodNotFound", "parameters": {"method": method}}
+
+    # -- methods: (caller, parameters, fds) -> (reply parameters, reply fds)
+
+    def store(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        names = _names(p)
+        if len(names) != len(fds):
+            raise errors.InvalidRequest(f"{len(names)} name(s) but {len(fds)} fd(s) attached")
+        self.broker.store(caller, _unit(p), list(zip(names, fds)))
+        return {}, []
+
+    def remove(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        self.broker.remove(caller, _unit(p), _names(p))
+        return {}, []
+
+    def list_fds(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        return {"fds": self.broker.list_fds(caller, _unit(p))}, []
+
+    def retrieve(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        got = self.broker.retrieve(caller, _unit(p), _names(p))
+        if len(got) > varlink.MAX_FDS:
+            varlink.close_all([fd for _, fd in got])
+            raise errors.LimitExceeded(f"more than {varlink.MAX_FDS} fds: ask by name")
+        return {"names": [n for n, _ in got]}, [fd for _, fd in got]
+
+    def finish(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        return {"finished": self.broker.finish(caller, _unit(p))}, []
+
+    def preserve(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        return {"preserved": self.broker.preserve(caller, _unit(p))}, []
+
+    def create_session(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        return {}, [self.broker.create_session(caller, _unit(p), str(p.get("name", "")))]
+
+    def retrieve_session(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        return {}, [self.broker.retrieve_session(caller, _unit(p), str(p.get("name", "")))]
+
+    def status(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        return self.broker.status(), []
+
+    def preflight(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        return _problems(self.broker.preflight()), []
+
+    def arm(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        return _problems(self.broker.arm(caller, force=bool(p.get("force")))), []
+
+    def cancel(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        self.broker.cancel(caller)
+        return {}, []
+
+    def discard(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        self.broker.require_root(caller, "Discarding a unit's fds")
+        self.broker.discard(caller, str(p.get("unit", "")))
+        return {}, []
+
+    Method = Callable[["VarlinkService", Caller, dict[str, Any], list[int]], tuple[dict[str, Any], list[int]]]
+    methods: ClassVar[dict[str, Method]] = {
+        "Store": store,
+        "Remove": remove,
+        "List": list_fds,
+        "Retrieve": retrieve,
+        "Finish": finish,
+        "Preserve": preserve,
+        "CreateSession": create_session,
+        "RetrieveSession": retrieve_session,
+        "Status": status,
+        "Preflight": preflight,
+        "Arm": arm,
+        "Cancel": cancel,
+        "Discard": discard,
+    }

@@ -1,0 +1,226 @@
+"""Real parts for agent tests: a private system-style dbus-daemon, the emulator, a real luod process, and
+processes placed in cgroups that look like units (so the agent derives their unit as under systemd)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+from luo_systemd import varlink
+from tests.conftest import READY_TIMEOUT, Emulator
+
+TOP = Path(__file__).resolve().parent.parent
+CGROUP_FS = Path("/sys/fs/cgroup/systemd")  # on hybrid hosts systemd tracks units here
+NOBODY = 65534
+
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"""
+
+
+class DBusDaemon:
+    """A dbus-daemon configured like the system bus (default deny), with luod's own policy file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.socket = directory / "system_bus_socket"
+        config = directory / "bus.conf"
+        config.write_text(BUS_CONFIG.format(socket=self.socket, policy=TOP / "units" / "io.liveupdate.Agent1.conf"))
+        self.proc = subprocess.Popen(
+            ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.address = self.proc.stdout.readline().strip()  # printed once it listens
+        assert self.address.startswith("unix:"), self.address
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class UnitTree:
+    """A cgroup subtree shaped like a service manager's: ROOT/app.slice/UNIT."""
+
+    def __init__(self, name: str) -> None:
+        self.root = f"/{name}"
+        self.path = CGROUP_FS / name
+        (self.path / "app.slice").mkdir(parents=True, exist_ok=True)
+
+    def procs(self, unit: str) -> Path:
+        group = self.path / "app.slice" / unit
+        group.mkdir(exist_ok=True)
+        return group / "cgroup.procs"
+
+    def argv(self, unit: str, argv: list[str], uid: Optional[int] = None) -> list[str]:
+        """argv that first moves itself into UNIT's cgroup (and drops to ``uid``), then execs."""
+        drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid is not None else []
+        return ["sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "sh", str(self.procs(unit)), *drop, *argv]
+
+    def cleanup(self) -> None:
+        for group in sorted(self.path.rglob("*"), key=lambda p: -len(p.parts)):
+            if group.is_dir():
+                for pid in (group / "cgroup.procs").read_text().split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        for group in sorted([p for p in self.path.rglob("*") if p.is_dir()], key=lambda p: -len(p.parts)):
+            try:
+                group.rmdir()
+            except OSError:
+                pass
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+POLICY = "[X-LiveUpdate]\n"
+
+
+def python_path() -> str:
+    """Where this test run's packages are, for child processes whose argv[0] hides the venv."""
+    return ":".join([str(TOP / "src"), str(TOP), sysconfig.get_paths()["purelib"]])
+
+
+class NotifySink:
+    """Receives luod's sd_notify messages (READY=1, STATUS=, FDSTORE=1 with fds): the part of a service
+    manager the agent talks to when no real one runs.  Received fds are closed; messages are kept."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.exists():
+            path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 16)
+            except OSError:
+                return
+            for fd in fds:
+                os.close(fd)
+            self.messages.append(data.decode())
+            if "READY=1" in data.decode().split("\n"):
+                self.ready.set()
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(5)
+
+
+class Agent:
+    """A real luod process (in unit luod.service of a UnitTree) on the emulator and a private bus."""
+
+    def __init__(self, directory: Path, emulator: Emulator, bus: Optional[DBusDaemon], tree: UnitTree) -> None:
+        self.dir = directory
+        self.emulator = emulator
+        self.bus = bus
+        self.tree = tree
+        # The socket's directory must be reachable by unprivileged callers; pytest's tmp_path is not.
+        self.run_dir = Path(tempfile.mkdtemp(prefix="luod-test-"))
+        self.run_dir.chmod(0o755)
+        self.varlink = str(self.run_dir / "liveupdate.sock")
+        self.policy_dir = directory / "generator"
+        self.env_dir = directory / "env"
+        self.config = directory / "luod.toml"
+        self.config.write_text(
+            textwrap.dedent(f"""\
+            [agent]
+            backend = "emulator"
+            emulator_socket = "{emulator.socket}"
+            varlink_socket = "{self.varlink}"
+            policy_dir = "{self.policy_dir}"
+            env_dir = "{self.env_dir}"
+            dbus = {"true" if bus else "false"}
+            """)
+        )
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.log = directory / "luod.log"
+
+    def opt_in(self, unit: str, section: str = POLICY) -> None:
+        d = self.policy_dir / f"{unit}.d"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "50-liveupdate.conf").write_text(section)
+
+    def start(self) -> None:
+        self.notify = NotifySink(self.dir / "notify.sock")
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify.path), SYSTEMD_LOG_LEVEL="debug")
+        env.pop("INVOCATION_ID", None)
+        if self.bus:
+            env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus.address
+        # argv[0] '@luod', as the generator arranges it for systemd-shutdown's kill exemption.  Python
+        # cannot find its venv from such an argv[0]; the package installs into the system's site dir.
+        env["PYTHONPATH"] = python_path()
+        luod = ["bash", "-c", 'exec -a @luod "$@"', "bash", sys.executable, "-m", "luo_systemd.agent"]
+        argv = self.tree.argv("luod.service", [*luod, "--config", str(self.config)])
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+        if not self.notify.ready.wait(READY_TIMEOUT):
+            self.proc.kill()
+            raise RuntimeError(f"luod did not become ready; log:\n{self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=READY_TIMEOUT)
+            self.proc = None
+            self.notify.close()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def call(
+        self,
+        method: str,
+        params: Optional[dict[str, Any]] = None,
+        fds: list[int] = (),  # type: ignore[assignment]
+    ) -> tuple[dict[str, Any], list[int]]:
+        with varlink.Client(self.varlink, timeout=10) as client:
+            return client.call(method, params, fds)
+
+    def run_as(self, unit: str, code: str, uid: Optional[int] = None) -> subprocess.CompletedProcess[str]:
+        """Runs Python ``code`` in a process of ``unit`` (as ``uid``); ``sock`` is luod's Varlink path."""
+        prologue = f"import os, json\nfrom luo_systemd import varlink, errors\nsock = {self.varlink!r}\n"
+        argv = self.tree.argv(unit, [sys.executable, "-c", prologue + textwrap.dedent(code)], uid=uid)
+        env = dict(os.environ, PYTHONPATH=python_path())
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)

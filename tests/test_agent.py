@@ -1,0 +1,133 @@
+"""luod as a real process: private system-style dbus-daemon, the emulator, Varlink and D-Bus clients in
+processes placed in unit cgroups."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.agent_harness import NOBODY, Agent, DBusDaemon, UnitTree
+from tests.conftest import Emulator
+from tests.contract.scenarios import PAGE, digest, pattern
+
+
+@pytest.fixture
+def tree(request: pytest.FixtureRequest) -> Iterator[UnitTree]:
+    t = UnitTree(f"luo-test-{os.getpid()}-{abs(hash(request.node.nodeid)) % 10**6}")
+    try:
+        yield t
+    finally:
+        t.cleanup()
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[DBusDaemon]:
+    daemon = DBusDaemon(tmp_path)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def agent(tmp_path: Path, emulator: Emulator, bus: DBusDaemon, tree: UnitTree) -> Iterator[Agent]:
+    a = Agent(tmp_path, emulator, bus, tree)
+    a.opt_in("demo.service")
+    a.opt_in("other.service")
+    a.start()
+    try:
+        yield a
+    finally:
+        a.cleanup()
+        assert "Traceback" not in a.log.read_text(), a.log.read_text()
+
+
+STORE_CACHE = """
+fd = os.memfd_create("cache", os.MFD_CLOEXEC)
+os.write(fd, bytes.fromhex({content!r}))
+with varlink.Client(sock) as c:
+    c.call("Store", {{"names": ["cache"]}}, [fd])
+    print(json.dumps(c.call("List")[0]))
+"""
+
+
+def test_store_preserve_kexec_restore_finish(agent: Agent, emulator: Emulator) -> None:
+    content = pattern("demo", 3 * PAGE)
+    out = agent.run_as("demo.service", STORE_CACHE.format(content=content.hex()))
+    assert out.returncode == 0, out.stderr
+    assert '"name": "cache"' in out.stdout and '"state": "stored"' in out.stdout
+
+    problems, _ = agent.call("Arm")
+    assert problems == {"problems": []}
+    got, _ = agent.call("Preserve", {"unit": "demo.service"})
+    assert got == {"preserved": 1}
+    emulator.live_update()  # the machine kexecs; the old agent dies with the old kernel
+    agent.stop()
+    agent.start()
+
+    status, _ = agent.call("Status")
+    assert status["phase"] == "restored" and status["live_update_count"] == 1
+    env = (agent.env_dir / "demo.service.env").read_text()
+    assert "LIVEUPDATE_RESTORED=1" in env and "LIVEUPDATE_COUNT=1" in env
+    reply, fds = agent.call("Retrieve", {"unit": "demo.service"})
+    assert reply == {"names": ["cache"]} and len(fds) == 1
+    assert digest(fds[0]) == hashlib.sha256(content).hexdigest()
+    os.close(fds[0])
+    finished, _ = agent.call("Finish", {"unit": "demo.service"})
+    assert finished == {"finished": True}
+    assert not (agent.env_dir / "demo.service.env").exists()
+    status, _ = agent.call("Status")
+    assert status["phase"] == "idle"
+    listing, _ = agent.call("List", {"unit": "demo.service"})
+    assert [(f["name"], f["state"]) for f in listing["fds"]] == [("cache", "stored")]  # carried forward
+
+
+def test_a_unit_reaches_only_its_own_fds(agent: Agent) -> None:
+    out = agent.run_as("demo.service", STORE_CACHE.format(content="00"))
+    assert out.returncode == 0, out.stderr
+    probe = """
+    for method, params in (("List", {"unit": "demo.service"}), ("Retrieve", {"unit": "demo.service"}),
+                           ("Remove", {"unit": "demo.service", "names": ["cache"]}),
+                           ("Finish", {"unit": "demo.service"}), ("Preserve", {"unit": "demo.service"})):
+        try:
+            varlink.Client(sock).call(method, params)
+            print(method, "allowed")
+        except errors.AccessDenied as e:
+            print(method, "denied:", e)
+    """
+    out = agent.run_as("other.service", probe, uid=NOBODY)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 5 and all(" denied: " in line for line in lines), out.stdout
+    assert "may act only on its own unit, not on demo.service" in lines[0]
+
+
+def test_control_is_root_only(agent: Agent) -> None:
+    probe = """
+    for method in ("Arm", "Cancel", "Discard"):
+        try:
+            varlink.Client(sock).call(method, {"unit": "demo.service"} if method == "Discard" else None)
+        except errors.AccessDenied as e:
+            print(method, "denied:", e)
+    """
+    out = agent.run_as("demo.service", probe, uid=NOBODY)
+    assert out.stdout.count("denied:") == 3, out.stdout + out.stderr
+    assert "is for root only" in out.stdout
+
+
+def test_a_pipe_is_refused_at_store_time(agent: Agent) -> None:
+    probe = """
+    r, w = os.pipe()
+    try:
+        varlink.Client(sock).call("Store", {"names": ["p"]}, [r])
+    except errors.InvalidFd as e:
+        print("refused:", e)
+    print(json.dumps(varlink.Client(sock).call("List")[0]))
+    """
+    out = agent.run_as("demo.service", probe)
+    assert "refused: Refusing to store 'p' of demo.service: a pipe" in out.stdout, out.stdout + out.stderr
+    assert '{"fds": []}' in out.stdout
