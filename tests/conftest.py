@@ -1,77 +1,17 @@
-"""Shared fixtures: a real luo-emu process per test, and the real kernel where /dev/liveupdate exists."""
+"""Shared fixtures: a real luo-emu process per test (and the real kernel where /dev/liveupdate exists),
+a private system bus, cgroups shaped like units, and a real luod."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from luo_systemd import uapi
-from luo_systemd.liveupdate import Backend, EmuControl, EmulatorTransport, emulator_backend, kernel_backend
-
-READY_TIMEOUT = 10.0
-
-
-def wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], what: str) -> None:
-    """Waits for READY=1 on a NOTIFY_SOCKET we own (no sleep-polling for sockets to appear)."""
-    notify.settimeout(READY_TIMEOUT)
-    while True:
-        try:
-            msg = notify.recv(4096)
-        except socket.timeout:
-            proc.kill()
-            raise RuntimeError(f"{what} did not become ready in {READY_TIMEOUT}s") from None
-        if b"READY=1" in msg.split(b"\n"):
-            return
-
-
-class Emulator:
-    """A running ``luo-emu serve`` process."""
-
-    def __init__(self, directory: Path) -> None:
-        self.socket = str(directory / "luo-emu.sock")
-        notify_path = str(directory / "notify.sock")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-            notify.bind(notify_path)
-            env = dict(os.environ, NOTIFY_SOCKET=notify_path)
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "luo_systemd.emulator", "--socket", self.socket, "serve"],
-                env=env,
-                stderr=subprocess.PIPE,
-            )
-            wait_ready(notify, self.proc, "luo-emu")
-        self.transport = EmulatorTransport(self.socket)
-        self.backend = emulator_backend(self.socket)
-
-    def status(self) -> dict[str, object]:
-        return dict(json.loads(self.transport.control(EmuControl.STATUS)))
-
-    def load(self, cmdline: str = "kho=on liveupdate=on", legacy: bool = False) -> None:
-        fd = os.open("/proc/self/exe", os.O_RDONLY | os.O_CLOEXEC)  # any file stands in for a bzImage
-        try:
-            payload = json.dumps({"cmdline": cmdline, "legacy": legacy}).encode()
-            self.transport.control(EmuControl.LOAD_KERNEL, payload, [fd])
-        finally:
-            os.close(fd)
-
-    def kexec(self, cold: bool = False) -> dict[str, object]:
-        return dict(json.loads(self.transport.control(EmuControl.KEXEC, json.dumps({"cold": cold}).encode())))
-
-    def live_update(self) -> dict[str, object]:
-        """Loads a LUO-enabled kernel the right way and kexecs into it."""
-        self.load()
-        return self.kexec()
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        _, err = self.proc.communicate(timeout=10)
-        return err.decode()
+from luo_systemd.liveupdate import Backend, kernel_backend
+from tests.harness import Agent, DBusDaemon, Emulator, UnitTree
 
 
 @pytest.fixture
@@ -101,3 +41,35 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     finally:
         stderr = emu.stop()
         assert "Traceback" not in stderr, stderr
+
+
+@pytest.fixture
+def tree(request: pytest.FixtureRequest) -> Iterator[UnitTree]:
+    t = UnitTree(f"luo-test-{os.getpid()}-{abs(hash(request.node.nodeid)) % 10**6}")
+    try:
+        yield t
+    finally:
+        t.cleanup()
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[DBusDaemon]:
+    daemon = DBusDaemon(tmp_path)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def agent(tmp_path: Path, emulator: Emulator, bus: DBusDaemon, tree: UnitTree) -> Iterator[Agent]:
+    """luod in luod.service, with demo.service and other.service opted in."""
+    a = Agent(tmp_path, emulator, bus, tree)
+    a.opt_in("demo.service")
+    a.opt_in("other.service")
+    a.start()
+    try:
+        yield a
+    finally:
+        a.cleanup()
+        assert "Traceback" not in a.log.read_text(), a.log.read_text()

@@ -5,46 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from tests.agent_harness import NOBODY, Agent, DBusDaemon, UnitTree
-from tests.conftest import Emulator
 from tests.contract.scenarios import PAGE, digest, pattern
-
-
-@pytest.fixture
-def tree(request: pytest.FixtureRequest) -> Iterator[UnitTree]:
-    t = UnitTree(f"luo-test-{os.getpid()}-{abs(hash(request.node.nodeid)) % 10**6}")
-    try:
-        yield t
-    finally:
-        t.cleanup()
-
-
-@pytest.fixture
-def bus(tmp_path: Path) -> Iterator[DBusDaemon]:
-    daemon = DBusDaemon(tmp_path)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-
-
-@pytest.fixture
-def agent(tmp_path: Path, emulator: Emulator, bus: DBusDaemon, tree: UnitTree) -> Iterator[Agent]:
-    a = Agent(tmp_path, emulator, bus, tree)
-    a.opt_in("demo.service")
-    a.opt_in("other.service")
-    a.start()
-    try:
-        yield a
-    finally:
-        a.cleanup()
-        assert "Traceback" not in a.log.read_text(), a.log.read_text()
-
+from tests.harness import NOBODY, Agent, Emulator
 
 STORE_CACHE = """
 fd = os.memfd_create("cache", os.MFD_CLOEXEC)

@@ -12,8 +12,8 @@ import pytest
 
 from luo_systemd import errors
 from luo_systemd.liveupdate import emulator_backend
-from tests.conftest import Emulator
 from tests.contract.scenarios import PAGE, digest, expect, memfd, pattern
+from tests.harness import Emulator
 
 GiB = 1 << 30
 

@@ -7,7 +7,8 @@ worked around here, each with a test in tests/test_dbus.py:
 - closing a returned fd before the reply is written kills the connection: returned fds are closed when
   the send completes (``AgentBus.send``);
 - a full socket buffer (EAGAIN) tears the connection down: ``PatientWriter`` waits for writability;
-- unhandled exceptions go back with a traceback: every method maps errors itself (``dbus_method``);
+- unhandled exceptions go back with a traceback: every method maps errors itself (``dbus_method``), and
+  ``AgentBus._make_method_handler`` stops dbus-next from re-raising a sent error into the event loop;
 - at most 16 fds per message: calls and replies are limited to 16 fds;
 - a client without fd negotiation sends ``None`` for 'h': refused as InvalidFd.
 
@@ -84,6 +85,25 @@ class AgentBus(MessageBus):
         super().__init__(bus_type=bus_type, negotiate_unix_fd=True)
         # dbus-next has no hook for this: replace the one method of its writer.
         self._writer.write_callback = functools.partial(_patient_write_callback, self._writer)  # type: ignore[method-assign]
+
+    def _make_method_handler(self, interface: ServiceInterface, method: Any) -> Callable[[Message, Any], None]:
+        """dbus-next sends the error reply of a failed coroutine method and then re-raises the exception into
+        the event loop (its SendReply.__exit__ drops _exit's result), which logs a traceback each time."""
+
+        def handler(msg: Message, send_reply: Any) -> None:
+            def done(fut: "asyncio.Future[Any]") -> None:
+                try:
+                    result = fut.result()
+                except DBusError as e:  # dbus_method turns every failure into one
+                    send_reply(e._as_message(msg))
+                    return
+                body, fds = ServiceInterface._fn_result_to_body(result, method.out_signature_tree)
+                send_reply(Message.new_method_return(msg, method.out_signature, body, fds))
+
+            task = asyncio.ensure_future(method.fn(interface, *ServiceInterface._msg_body_to_args(msg)))
+            task.add_done_callback(done)
+
+        return handler
 
     def send(self, msg: Message) -> "asyncio.Future[None]":  # type: ignore[override]  # the aio bus returns a Future
         future: asyncio.Future[None] = super().send(msg)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Emulator
 from tests.contract.scenarios import SCENARIOS, Scenario
+from tests.harness import Emulator
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])

@@ -1,8 +1,9 @@
-"""Real parts for agent tests: a private system-style dbus-daemon, the emulator, a real luod process, and
+"""Real parts for tests: the emulator, a private system-style dbus-daemon, a real luod process, and
 processes placed in cgroups that look like units (so the agent derives their unit as under systemd)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,7 +18,66 @@ from pathlib import Path
 from typing import Any, Optional
 
 from luo_systemd import varlink
-from tests.conftest import READY_TIMEOUT, Emulator
+from luo_systemd.liveupdate import EmuControl, EmulatorTransport, emulator_backend
+
+READY_TIMEOUT = 10.0
+
+
+def wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Waits for READY=1 on a NOTIFY_SOCKET we own (no sleep-polling for sockets to appear)."""
+    notify.settimeout(READY_TIMEOUT)
+    while True:
+        try:
+            msg = notify.recv(4096)
+        except socket.timeout:
+            proc.kill()
+            raise RuntimeError(f"{what} did not become ready in {READY_TIMEOUT}s") from None
+        if b"READY=1" in msg.split(b"\n"):
+            return
+
+
+class Emulator:
+    """A running ``luo-emu serve`` process."""
+
+    def __init__(self, directory: Path) -> None:
+        self.socket = str(directory / "luo-emu.sock")
+        notify_path = str(directory / "notify.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(notify_path)
+            env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "luo_systemd.emulator", "--socket", self.socket, "serve"],
+                env=env,
+                stderr=subprocess.PIPE,
+            )
+            wait_ready(notify, self.proc, "luo-emu")
+        self.transport = EmulatorTransport(self.socket)
+        self.backend = emulator_backend(self.socket)
+
+    def status(self) -> dict[str, object]:
+        return dict(json.loads(self.transport.control(EmuControl.STATUS)))
+
+    def load(self, cmdline: str = "kho=on liveupdate=on", legacy: bool = False) -> None:
+        fd = os.open("/proc/self/exe", os.O_RDONLY | os.O_CLOEXEC)  # any file stands in for a bzImage
+        try:
+            payload = json.dumps({"cmdline": cmdline, "legacy": legacy}).encode()
+            self.transport.control(EmuControl.LOAD_KERNEL, payload, [fd])
+        finally:
+            os.close(fd)
+
+    def kexec(self, cold: bool = False) -> dict[str, object]:
+        return dict(json.loads(self.transport.control(EmuControl.KEXEC, json.dumps({"cold": cold}).encode())))
+
+    def live_update(self) -> dict[str, object]:
+        """Loads a LUO-enabled kernel the right way and kexecs into it."""
+        self.load()
+        return self.kexec()
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=10)
+        return err.decode()
+
 
 TOP = Path(__file__).resolve().parent.parent
 CGROUP_FS = Path("/sys/fs/cgroup/systemd")  # on hybrid hosts systemd tracks units here
@@ -52,7 +112,10 @@ class DBusDaemon:
     """A dbus-daemon configured like the system bus (default deny), with luod's own policy file."""
 
     def __init__(self, directory: Path) -> None:
-        self.socket = directory / "system_bus_socket"
+        # Like /run/dbus: reachable by unprivileged callers (pytest's tmp_path is not).
+        self.run_dir = Path(tempfile.mkdtemp(prefix="luo-bus-"))
+        self.run_dir.chmod(0o755)
+        self.socket = self.run_dir / "system_bus_socket"
         config = directory / "bus.conf"
         config.write_text(BUS_CONFIG.format(socket=self.socket, policy=TOP / "units" / "io.liveupdate.Agent1.conf"))
         self.proc = subprocess.Popen(
@@ -67,6 +130,7 @@ class DBusDaemon:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 class UnitTree:
