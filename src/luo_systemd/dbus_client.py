@@ -16,8 +16,6 @@ from dbus_next.message import Message
 from luo_systemd import errors
 from luo_systemd.dbus_service import BUS_NAME, INTERFACE, MAX_FDS_PER_MESSAGE, OBJECT_PATH, AgentBus
 
-_ERRORS = {cls.name: cls for cls in errors.all_error_classes()}
-
 
 def _batches(items: Sequence[Any]) -> list[Sequence[Any]]:
     return [items[i : i + MAX_FDS_PER_MESSAGE] for i in range(0, len(items), MAX_FDS_PER_MESSAGE)] or [[]]
@@ -29,26 +27,35 @@ class AgentClient:
 
     @classmethod
     async def connect(cls, bus_type: BusType = BusType.SYSTEM) -> AgentClient:
-        return cls(await AgentBus(bus_type).connect())
+        bus = AgentBus(bus_type)
+        await bus.connect()
+        return cls(bus)
 
     def disconnect(self) -> None:
         self.bus.disconnect()  # type: ignore[no-untyped-call]
 
-    async def call(self, member: str, signature: str = "", body: Optional[list[Any]] = None,
-                   unix_fds: Optional[list[int]] = None) -> Message:
+    async def call(
+        self, member: str, signature: str = "", body: Optional[list[Any]] = None, unix_fds: Optional[list[int]] = None
+    ) -> Message:
         reply = await self.bus.call(
-            Message(destination=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE, member=member,
-                    signature=signature, body=body or [], unix_fds=unix_fds or [])
+            Message(
+                destination=BUS_NAME,
+                path=OBJECT_PATH,
+                interface=INTERFACE,
+                member=member,
+                signature=signature,
+                body=body or [],
+                unix_fds=unix_fds or [],
+            )
         )
         if reply is None:
             raise errors.AgentUnavailable("no reply from luod")
         if reply.message_type is MessageType.ERROR:
             name = str(reply.error_name)
-            prefix = errors.DBUS_ERROR_PREFIX
-            cls = _ERRORS.get(name[len(prefix):], errors.LuoError) if name.startswith(prefix) else errors.LuoError
-            err = cls.__new__(cls)
-            Exception.__init__(err, reply.body[0] if reply.body else name)
-            raise err
+            message = reply.body[0] if reply.body else name
+            if not name.startswith(errors.DBUS_ERROR_PREFIX):
+                raise errors.LuoError(f"{name}: {message}")
+            raise errors.from_name(name[len(errors.DBUS_ERROR_PREFIX) :], message)
         return reply
 
     async def store_fds(self, items: Sequence[tuple[str, int]], unit: str = "") -> None:

@@ -230,3 +230,12 @@ def all_error_classes() -> list[type[LuoError]]:
         seen.append(cls)
         stack.extend(cls.__subclasses__())
     return seen
+
+
+def from_name(name: str, message: str, errno: Optional[int] = None) -> LuoError:
+    """Rebuilds a LuoError a client received by name (D-Bus or Varlink); unknown names give LuoError."""
+    cls = next((c for c in all_error_classes() if c.name == name), LuoError)
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.errno = errno
+    return err

@@ -82,9 +82,6 @@ def close_all(fds: list[int]) -> None:
             pass
 
 
-ERROR_CLASSES = {cls.name: cls for cls in errors.all_error_classes()}
-
-
 def error_reply(e: errors.LuoError) -> dict[str, Any]:
     """The one place where errors become Varlink errors."""
     params: dict[str, Any] = {"message": e.message}
@@ -97,17 +94,14 @@ def raise_error(reply: dict[str, Any]) -> None:
     """The client side: a Varlink error becomes the LuoError it was."""
     name = str(reply["error"])
     params = reply.get("parameters") or {}
-    message = str(params.get("message", name))
-    if name.startswith(errors.VARLINK_ERROR_PREFIX):
-        cls = ERROR_CLASSES.get(name[len(errors.VARLINK_ERROR_PREFIX) :], errors.LuoError)
-    else:
-        cls = errors.LuoError  # org.varlink.service.* and the like
-        message = f"{name}: {json.dumps(params)}"
-    err = cls.__new__(cls)
-    Exception.__init__(err, message)
-    if "errno" in params:
-        err.errno = int(params["errno"])
-    raise err
+    if not name.startswith(errors.VARLINK_ERROR_PREFIX):  # org.varlink.service.* and the like
+        raise errors.LuoError(f"{name}: {json.dumps(params)}")
+    errno_value = params.get("errno")
+    raise errors.from_name(
+        name[len(errors.VARLINK_ERROR_PREFIX) :],
+        str(params.get("message", name)),
+        int(errno_value) if errno_value is not None else None,
+    )
 
 
 class Client:
