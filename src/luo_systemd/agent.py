@@ -20,12 +20,11 @@ from luo_systemd import cgroups, config, journal, names
 from luo_systemd.broker import Broker, BrokerConfig, FdStore, NoFdStore, Problem
 from luo_systemd.errors import LuoError
 from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
-from luo_systemd.policy import Policy, parse_policy
+from luo_systemd.policy import DROPIN, Policy, parse_policy
 
 log = logging.getLogger("luod")
 
 VARLINK_FDNAME = "varlink"  # FileDescriptorName= of luod.socket
-DROPIN_NAME = "50-liveupdate.conf"  # what the generator writes into each opted-in unit's drop-in directory
 
 
 class SystemdFdStore:
@@ -74,7 +73,7 @@ def policy_reader(policy_dir: str):  # type: ignore[no-untyped-def]
         for name in (unit, names.template_of(unit)):
             if name is None:
                 continue
-            path = os.path.join(policy_dir, name + ".d", DROPIN_NAME)
+            path = os.path.join(policy_dir, name + ".d", DROPIN)
             try:
                 with open(path) as f:
                     return parse_policy([f.read()])

@@ -16,6 +16,7 @@ from luo_systemd.errors import InvalidRequest
 from luo_systemd.names import check_client_session_name, check_fd_name
 
 SECTION = "X-LiveUpdate"
+DROPIN = "50-liveupdate.conf"  # the generator's drop-in in each opted-in unit's .d directory
 DEFAULT_FD_MAX = 64
 FD_MAX_LIMIT = 4096
 DEFAULT_RETURN_TIMEOUT_SEC = 300

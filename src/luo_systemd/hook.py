@@ -1,0 +1,110 @@
+"""luo-hook stop|start|started UNIT: the commands the generator adds to opted-in units.  See luo-hook(8).
+
+- ``stop`` (ExecStop=, after the unit's own): asks luod to preserve the unit's fds if a live update is
+  under way; the agent decides, so the hook needs no state.
+- ``start`` (ExecStartPre=): after a live update, gets the unit's restored fds from luod and pushes them into
+  the unit's own fd store (FDSTORE=1), so the main process receives them in LISTEN_FDS/LISTEN_FDNAMES.
+- ``started`` (ExecStartPost=): finishes the unit's restore (unless the unit finishes explicitly).
+
+Thin and idempotent, stdlib only (no asyncio, no D-Bus: it runs on the blackout path for every unit), and it
+never holds up a start or a shutdown: when there is nothing to do or luod is unreachable, it logs one line
+and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from luo_systemd import varlink
+from luo_systemd.errors import LuoError
+
+SOCKET = os.environ.get("LUOD_SOCKET", "/run/luod/liveupdate.sock")
+TIMEOUTS = {"stop": 120.0, "start": 30.0, "started": 30.0}  # preserving fills holes: big memfds take time
+
+
+def log(message: str, priority: int = 6) -> None:
+    # stderr of an Exec*= command goes to the journal; '<N>' sets the priority.
+    print(f"<{priority}>luo-hook: {message}", file=sys.stderr, flush=True)
+
+
+def notify_socket() -> socket.socket:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        raise LuoError("$NOTIFY_SOCKET is not set: the unit needs NotifyAccess=exec (the generator sets it)")
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    sock.connect(addr)
+    return sock
+
+
+def push_to_fd_store(fds: Sequence[tuple[str, int]]) -> None:
+    """FDSTORE=1 for each fd under its name, then a barrier: our messages are processed before we exit (an
+    exited sender's messages may not be attributable to the unit any more)."""
+    with notify_socket() as sock:
+        for name, fd in fds:
+            socket.send_fds(sock, [f"FDSTORE=1\nFDNAME={name}\nFDPOLL=0".encode()], [fd])
+        r, w = os.pipe()
+        try:
+            socket.send_fds(sock, [b"BARRIER=1"], [w])
+            os.close(w)
+            w = -1
+            os.read(r, 1)  # EOF once the manager has processed everything before the barrier
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+
+
+def stop(unit: str) -> str:
+    with varlink.Client(SOCKET, timeout=TIMEOUTS["stop"]) as client:
+        preserved = client.call("Preserve", {"unit": unit})[0]["preserved"]
+    return f"preserved {preserved} fd(s) of {unit}" if preserved else f"no live update under way for {unit}"
+
+
+def start(unit: str) -> str:
+    if os.environ.get("LIVEUPDATE_RESTORED") != "1":
+        return f"{unit} was not live-updated"
+    with varlink.Client(SOCKET, timeout=TIMEOUTS["start"]) as client:
+        reply, fds = client.call("Retrieve", {"unit": unit})
+    try:
+        named = list(zip(reply["names"], fds))
+        push_to_fd_store(named)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return f"handed {len(named)} restored fd(s) to {unit}: {' '.join(n for n, _ in named)}"
+
+
+def started(unit: str) -> str:
+    if os.environ.get("LIVEUPDATE_RESTORED") != "1":
+        return f"{unit} was not live-updated"
+    with varlink.Client(SOCKET, timeout=TIMEOUTS["started"]) as client:
+        finished = client.call("Finish", {"unit": unit})[0]["finished"]
+    return f"finished the live update of {unit}" if finished else f"{unit} had nothing to finish"
+
+
+VERBS = {"stop": stop, "start": start, "started": started}
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    args = list(argv or sys.argv)[1:]
+    if len(args) != 2 or args[0] not in VERBS:
+        print("usage: luo-hook stop|start|started UNIT", file=sys.stderr)
+        return 2
+    verb, unit = args
+    try:
+        log(VERBS[verb](unit))
+    except LuoError as e:
+        # Never hold up a start or a shutdown: the unit goes on, cold if it must.
+        log(f"{verb} {unit}: {e}", priority=3)
+    except OSError as e:
+        log(f"{verb} {unit}: {e}", priority=3)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""luo-systemd-generator: golden files, its start-up cost, and systemd-analyze verify of what it writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from luo_systemd import generator
+
+TOP = Path(__file__).resolve().parent.parent
+CASES = TOP / "tests" / "generator"
+INPUT = ["tests/generator/input/etc", "tests/generator/input"]  # relative: the fragment path is in the output
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("version", [252, 257, 262])
+def test_golden(version: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(TOP)
+    result = generator.plan(generator.collect_units(INPUT), version)
+    expected = tree(CASES / f"expected-{version}")
+    if os.environ.get("LUO_UPDATE_GOLDEN"):
+        for rel, content in result.files.items():
+            (CASES / f"expected-{version}" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (CASES / f"expected-{version}" / rel).write_text(content)
+        pytest.skip("golden files rewritten")
+    assert result.files == expected
+    assert result.problems == (
+        "bad.service: ignoring its [X-LiveUpdate] section (tests/generator/input/bad.service): "
+        "PreserveAt='sometimes': expected stop|store",
+    )
+
+
+def test_main_writes_the_plan(tmp_path: Path) -> None:
+    env = dict(os.environ, SYSTEMD_UNIT_PATH=":".join(INPUT))
+    start = time.monotonic()
+    subprocess.run([sys.executable, "generators/luo-systemd-generator", str(tmp_path), str(tmp_path), str(tmp_path)],
+                   cwd=TOP, env=env, check=True)
+    elapsed = time.monotonic() - start
+    expected = generator.plan(generator.collect_units(INPUT), generator.systemd_version())
+    assert tree(tmp_path) == expected.files
+    print(f"\ngenerator run: {elapsed * 1000:.0f} ms")  # measured properly by bench/
+
+
+def test_systemd_version_is_found() -> None:
+    assert generator.systemd_version() >= 252
+
+
+def test_unit_path_follows_systemd() -> None:
+    assert generator.unit_path({})[0] == "/etc/systemd/system"
+    assert generator.unit_path({"SYSTEMD_SCOPE": "user"})[0] == "/etc/systemd/user"
+    assert generator.unit_path({"SYSTEMD_UNIT_PATH": "/a:/b"}) == ["/a", "/b"]
+    assert generator.unit_path({"SYSTEMD_UNIT_PATH": "/a:"})[:2] == ["/a", "/etc/systemd/system"]
+
+
+def test_units_and_generated_dropins_verify(tmp_path: Path) -> None:
+    """systemd-analyze verify --man=no prints nothing for our units and the drop-ins the generator writes."""
+    units = tmp_path / "units"
+    units.mkdir()
+    for name in ("luod.service", "luod.socket", "liveupdate.target"):
+        (units / name).write_text((TOP / "units" / name).read_text())
+    for name in ("demo.service", "qemu@.service", "vendor.service"):
+        (units / name).write_text((CASES / "input" / name).read_text().replace("/usr/bin/qemu-system-x86_64", "/bin/true")
+                                  .replace("/usr/bin/vendord", "/bin/true"))
+    (units / "vendor.service.d").mkdir()
+    (units / "vendor.service.d" / "liveupdate.conf").write_text((CASES / "input/vendor.service.d/liveupdate.conf").read_text())
+    hook = str(Path(sys.executable).parent / "luo-hook")  # where the package put it in this venv
+    result = generator.plan(generator.collect_units([str(units)]), generator.systemd_version(), hook=hook)
+    generator.write_plan(str(units), result)
+    env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{units}:")
+    for unit in ("luod.service", "luod.socket", "liveupdate.target", "demo.service", "qemu@vm1.service", "vendor.service"):
+        proc = subprocess.run(["systemd-analyze", "verify", "--man=no", unit], env=env, capture_output=True, text=True,
+                              check=False)
+        assert (proc.returncode, proc.stdout + proc.stderr) == (0, ""), unit
