@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import os
 
+import pytest
+
+from luo_systemd import errors
 from tests.contract.scenarios import PAGE, digest, pattern
 from tests.harness import NOBODY, Agent, Emulator
 
@@ -24,6 +27,10 @@ def test_store_preserve_kexec_restore_finish(agent: Agent, emulator: Emulator) -
     assert out.returncode == 0, out.stderr
     assert '"name": "cache"' in out.stdout and '"state": "stored"' in out.stdout
 
+    with pytest.raises(errors.PreflightFailed, match="no kernel is loaded for the kexec"):
+        agent.call("Arm")
+    assert agent.call("Preserve", {"unit": "demo.service"})[0] == {"preserved": 0}, "not armed: nothing to do"
+    emulator.load()
     problems, _ = agent.call("Arm")
     assert problems == {"problems": []}
     got, _ = agent.call("Preserve", {"unit": "demo.service"})

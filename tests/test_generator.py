@@ -41,8 +41,12 @@ def test_golden(version: int, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_main_writes_the_plan(tmp_path: Path) -> None:
     env = dict(os.environ, SYSTEMD_UNIT_PATH=":".join(INPUT))
     start = time.monotonic()
-    subprocess.run([sys.executable, "generators/luo-systemd-generator", str(tmp_path), str(tmp_path), str(tmp_path)],
-                   cwd=TOP, env=env, check=True)
+    subprocess.run(
+        [sys.executable, "generators/luo-systemd-generator", str(tmp_path), str(tmp_path), str(tmp_path)],
+        cwd=TOP,
+        env=env,
+        check=True,
+    )
     elapsed = time.monotonic() - start
     expected = generator.plan(generator.collect_units(INPUT), generator.systemd_version())
     assert tree(tmp_path) == expected.files
@@ -67,15 +71,29 @@ def test_units_and_generated_dropins_verify(tmp_path: Path) -> None:
     for name in ("luod.service", "luod.socket", "liveupdate.target"):
         (units / name).write_text((TOP / "units" / name).read_text())
     for name in ("demo.service", "qemu@.service", "vendor.service"):
-        (units / name).write_text((CASES / "input" / name).read_text().replace("/usr/bin/qemu-system-x86_64", "/bin/true")
-                                  .replace("/usr/bin/vendord", "/bin/true"))
+        (units / name).write_text(
+            (CASES / "input" / name)
+            .read_text()
+            .replace("/usr/bin/qemu-system-x86_64", "/bin/true")
+            .replace("/usr/bin/vendord", "/bin/true")
+        )
     (units / "vendor.service.d").mkdir()
-    (units / "vendor.service.d" / "liveupdate.conf").write_text((CASES / "input/vendor.service.d/liveupdate.conf").read_text())
+    (units / "vendor.service.d" / "liveupdate.conf").write_text(
+        (CASES / "input/vendor.service.d/liveupdate.conf").read_text()
+    )
     hook = str(Path(sys.executable).parent / "luo-hook")  # where the package put it in this venv
     result = generator.plan(generator.collect_units([str(units)]), generator.systemd_version(), hook=hook)
     generator.write_plan(str(units), result)
     env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{units}:")
-    for unit in ("luod.service", "luod.socket", "liveupdate.target", "demo.service", "qemu@vm1.service", "vendor.service"):
-        proc = subprocess.run(["systemd-analyze", "verify", "--man=no", unit], env=env, capture_output=True, text=True,
-                              check=False)
+    for unit in (
+        "luod.service",
+        "luod.socket",
+        "liveupdate.target",
+        "demo.service",
+        "qemu@vm1.service",
+        "vendor.service",
+    ):
+        proc = subprocess.run(
+            ["systemd-analyze", "verify", "--man=no", unit], env=env, capture_output=True, text=True, check=False
+        )
         assert (proc.returncode, proc.stdout + proc.stderr) == (0, ""), unit

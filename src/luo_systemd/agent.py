@@ -14,11 +14,12 @@ import os
 import signal
 import socket
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from luo_systemd import cgroups, config, journal, names
 from luo_systemd.broker import Broker, BrokerConfig, FdStore, NoFdStore, Problem
 from luo_systemd.errors import LuoError
+from luo_systemd.kexec import Loader, cmdline_problems, loader_for
 from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
 from luo_systemd.policy import DROPIN, Policy, parse_policy
 
@@ -105,6 +106,19 @@ def kill_exemption_check() -> list[Problem]:
     ]
 
 
+def kexec_image_check(loader: Loader) -> Callable[[], list[Problem]]:
+    def check() -> list[Problem]:
+        try:
+            state = loader.state()
+        except OSError as e:
+            return [Problem("", f"cannot tell whether a kernel is loaded: {e.strerror or e}")]
+        if not state.loaded:
+            return [Problem("", "no kernel is loaded for the kexec (liveupdatectl kexec loads one)")]
+        return [Problem("", p) for p in cmdline_problems(state.cmdline or "")] if state.cmdline is not None else []
+
+    return check
+
+
 async def run(cfg: config.Config) -> int:
     fds = listen_fds()
     store: FdStore = SystemdFdStore() if os.environ.get("NOTIFY_SOCKET") else NoFdStore()
@@ -116,7 +130,7 @@ async def run(cfg: config.Config) -> int:
         policy_reader(cfg.policy_dir),
         store,
         BrokerConfig(max_fds_total=cfg.max_fds_total, busy_retries=cfg.busy_retries, env_dir=cfg.env_dir),
-        extra_checks=(kill_exemption_check,),
+        extra_checks=(kill_exemption_check, kexec_image_check(loader_for(cfg))),
     )
     kept = {key: fdl[0] for key, fdl in fds.items() if key.startswith("luod-")}
     if broker.recover(kept):

@@ -24,8 +24,13 @@ AGENT_UNIT = "luod.service"
 HOOK = "/usr/bin/luo-hook"
 ENV_DIR = "/run/luod/env"
 
-SYSTEM_UNIT_PATH = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
-                    "/usr/lib/systemd/system", "/lib/systemd/system")
+SYSTEM_UNIT_PATH = (
+    "/etc/systemd/system",
+    "/run/systemd/system",
+    "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system",
+    "/lib/systemd/system",
+)
 USER_UNIT_PATH = ("/etc/systemd/user", "/run/systemd/user", "/usr/local/lib/systemd/user", "/usr/lib/systemd/user")
 NOTIFY_ACCESS_STRENGTH = {"none": 0, "main": 1, "exec": 2, "all": 3}
 

@@ -1,0 +1,255 @@
+"""liveupdatectl: status, list, preflight, kexec, cancel, finish, discard.  See liveupdatectl(1).
+
+Data goes to stdout (``--json=pretty|short`` for machines), one-line errors to stderr, exit codes from
+``errors.ExitCode``.  It talks to luod over Varlink; the only child process it starts is systemctl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import subprocess
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+from luo_systemd import config, varlink
+from luo_systemd.errors import ExitCode, LuoError, PreflightFailed
+from luo_systemd.kexec import KernelImage, Loader, default_image, live_update_cmdline, loader_for
+
+
+class JsonMode(str, enum.Enum):
+    OFF = "off"
+    SHORT = "short"
+    PRETTY = "pretty"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    verb: str
+    json: JsonMode
+    unit: str
+    force: bool
+    dry_run: bool
+    kernel: Optional[str]
+    initrd: Optional[str]
+    append: str
+    debug: bool
+    config_files: tuple[str, ...]
+
+
+class Ctl:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.cfg = config.load(opts.config_files or config.config_files())
+
+    def call(self, method: str, params: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        with varlink.Client(self.cfg.varlink_socket, timeout=60) as client:
+            reply, fds = client.call(method, params)
+        varlink.close_all(fds)
+        return reply
+
+    def loader(self) -> Loader:
+        return loader_for(self.cfg)
+
+    def emit(self, data: Any, text: Callable[[Any], str]) -> None:
+        if self.opts.json is JsonMode.OFF:
+            out = text(data)
+            if out:
+                print(out)
+        else:
+            print(json.dumps(data, indent=2 if self.opts.json is JsonMode.PRETTY else None))
+
+    # -- verbs
+
+    def status(self) -> int:
+        status = self.call("Status")
+        loaded = self.loader().state()
+        status["kexec_loaded"] = loaded.loaded
+        self.emit(status, format_status)
+        return 0
+
+    def list_fds(self) -> int:
+        units = [self.opts.unit] if self.opts.unit else [u["unit"] for u in self.call("Status")["units"]]
+        rows = [dict(fd, unit=unit) for unit in units for fd in self.call("List", {"unit": unit})["fds"]]
+        self.emit(rows, format_list)
+        return 0
+
+    def problems(self) -> list[dict[str, str]]:
+        return list(self.call("Preflight")["problems"])
+
+    def preflight(self) -> int:
+        problems = self.problems()
+        self.emit({"problems": problems}, lambda d: format_problems(d["problems"]) or "Pre-flight check passed.")
+        return ExitCode.PREFLIGHT if problems else 0
+
+    def image(self) -> Optional[KernelImage]:
+        """The kernel to load: --kernel, else the running one, unless one is loaded and none was asked for."""
+        if self.opts.kernel:
+            with open("/proc/cmdline") as f:
+                return KernelImage(self.opts.kernel, self.opts.initrd, live_update_cmdline(f.read(), self.opts.append))
+        if self.loader().state().loaded:
+            return None
+        return default_image(self.opts.append)
+
+    def kexec(self) -> int:
+        image = self.image()
+        plan = []
+        if image is not None:
+            plan.append(
+                f"load {image.kernel}"
+                + (f" with {image.initrd}" if image.initrd else "")
+                + f" by kexec_file_load, command line: {image.cmdline}"
+            )
+        else:
+            plan.append("use the kernel already loaded (pass --kernel to load another)")
+        plan += [
+            "run the pre-flight check",
+            "arm luod: units are preserved as they stop",
+            "systemctl start --job-mode=replace-irreversibly liveupdate.target",
+        ]
+        if self.opts.dry_run:
+            problems = self.problems()
+            self.emit(
+                {"plan": plan, "problems": problems},
+                lambda d: (
+                    "\n".join(f"{i}. {step}" for i, step in enumerate(d["plan"], 1))
+                    + ("\n" + format_problems(d["problems"]) if d["problems"] else "\nPre-flight check passed.")
+                ),
+            )
+            return 0
+        if image is not None:
+            self.loader().load(image)
+        problems = self.problems()
+        if problems and not self.opts.force:
+            raise PreflightFailed("Pre-flight check failed, nothing was stopped:\n" + format_problems(problems))
+        for p in problems:
+            print(f"Warning: forced despite: {problem_line(p)}", file=sys.stderr)
+        self.call("Arm", {"force": self.opts.force})
+        try:
+            subprocess.run(
+                ["systemctl", "start", "--no-block", "--job-mode=replace-irreversibly", "liveupdate.target"], check=True
+            )
+        except (OSError, subprocess.CalledProcessError) as e:
+            self.call("Cancel")
+            raise LuoError(f"Failed to start liveupdate.target ({e}); the live update was cancelled") from None
+        self.emit({"started": True, "problems": problems}, lambda _: "Live update started.")
+        return 0
+
+    def cancel(self) -> int:
+        self.call("Cancel")
+        return 0
+
+    def finish(self) -> int:
+        finished = self.call("Finish", {"unit": self.opts.unit})["finished"]
+        self.emit(
+            {"unit": self.opts.unit, "finished": finished},
+            lambda d: "" if d["finished"] else f"{d['unit']} had nothing to finish.",
+        )
+        return 0
+
+    def discard(self) -> int:
+        self.call("Discard", {"unit": self.opts.unit})
+        return 0
+
+
+def problem_line(p: dict[str, str]) -> str:
+    return f"{p['unit']}: {p['message']}" if p["unit"] else p["message"]
+
+
+def format_problems(problems: list[dict[str, str]]) -> str:
+    return "\n".join(f"  - {problem_line(p)}" for p in problems)
+
+
+def format_status(s: dict[str, Any]) -> str:
+    lines = [
+        f"   Phase: {s['phase']}",
+        f"     LUO: {'supported' if s['supported'] else 'not supported'} ({s['backend']} backend)",
+        f"  Kernel: {'loaded' if s['kexec_loaded'] else 'not loaded'} for the next kexec",
+        f" Updates: {s['live_update_count']} live update(s) behind this boot",
+        f"   Units: {len(s['units'])}",
+    ]
+    for u in s["units"]:
+        state = "restored, not finished" if not u["finished"] else f"{u['preserved']}/{u['stored']} preserved"
+        lines.append(f"          {u['unit']}: {u['stored']} stored, {u['restored']} restored, {state}")
+    if s["problems"]:
+        lines.append("Problems:\n" + format_problems(s["problems"]))
+    return "\n".join(lines)
+
+
+def format_list(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "No fds held."
+    width = max(len(r["unit"]) for r in rows)
+    out = [f"{'UNIT':<{width}}  {'NAME':<24} {'KIND':<8} {'STATE':<10} ORDER"]
+    out += [f"{r['unit']:<{width}}  {r['name']:<24} {r['kind']:<8} {r['state']:<10} {r['order']}" for r in rows]
+    return "\n".join(out)
+
+
+VERBS: dict[str, Callable[[Ctl], int]] = {
+    "status": Ctl.status,
+    "list": Ctl.list_fds,
+    "preflight": Ctl.preflight,
+    "kexec": Ctl.kexec,
+    "cancel": Ctl.cancel,
+    "finish": Ctl.finish,
+    "discard": Ctl.discard,
+}
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="liveupdatectl", description="Control kernel live updates (see liveupdatectl(1))."
+    )
+    parser.add_argument("--json", choices=[m.value for m in JsonMode], default="off", nargs="?", const="pretty")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--config", action="append", default=[], help="luod configuration files to read")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    sub.add_parser("status", help="phase, LUO support, loaded kernel, units")
+    sub.add_parser("list", help="the fds held for each unit").add_argument("unit", nargs="?", default="")
+    sub.add_parser("preflight", help="check that a live update would lose nothing")
+    k = sub.add_parser("kexec", help="kexec into a kernel with live update")
+    k.add_argument("--kernel", help="kernel image to load (default: the running kernel, unless one is loaded)")
+    k.add_argument("--initrd")
+    k.add_argument("--append", default="", help="extra kernel command line arguments")
+    k.add_argument("--force", action="store_true", help="go ahead despite pre-flight problems (data may be lost)")
+    k.add_argument("--dry-run", action="store_true", help="show the plan and the pre-flight result only")
+    sub.add_parser("cancel", help="call off an armed live update")
+    sub.add_parser("finish", help="finish a unit's restore").add_argument("unit")
+    sub.add_parser("discard", help="free everything held for a unit").add_argument("unit")
+    a = parser.parse_args(argv)
+    return Options(
+        verb=a.verb,
+        json=JsonMode(a.json),
+        unit=getattr(a, "unit", ""),
+        force=getattr(a, "force", False),
+        dry_run=getattr(a, "dry_run", False),
+        kernel=getattr(a, "kernel", None),
+        initrd=getattr(a, "initrd", None),
+        append=getattr(a, "append", ""),
+        debug=a.debug,
+        config_files=tuple(a.config),
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return VERBS[opts.verb](Ctl(opts))
+    except LuoError as e:
+        if opts.debug:
+            traceback.print_exc()
+        print(f"liveupdatectl: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        if opts.debug:
+            traceback.print_exc()
+        print(f"liveupdatectl: {e.strerror or e}", file=sys.stderr)
+        return ExitCode.FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
