@@ -39,9 +39,9 @@ def wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], what: str) 
 class Emulator:
     """A running ``luo-emu serve`` process."""
 
-    def __init__(self, directory: Path) -> None:
-        self.socket = str(directory / "luo-emu.sock")
-        notify_path = str(directory / "notify.sock")
+    def __init__(self, directory: Path, name: str = "luo-emu.sock") -> None:
+        self.socket = str(directory / name)
+        notify_path = str(directory / ".notify.sock")
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
             notify.bind(notify_path)
             env = dict(os.environ, NOTIFY_SOCKET=notify_path)
