@@ -14,24 +14,34 @@ import struct
 from typing import Optional
 
 from luo_systemd.errors import AccessDenied
+from luo_systemd import syscalls
 from luo_systemd.names import is_unit_name
 
 SO_PEERPIDFD = 77  # Linux 6.5; not in Python's socket module yet
 
 
-def cgroup_path(pid: int | str) -> str:
-    """The path of the cgroup systemd tracks the process in (name=systemd on hybrid, else the unified one)."""
-    unified = None
+CGROUP2_SUPER_MAGIC = 0x63677270
+
+
+def tracking_hierarchy() -> str:
+    """The cgroup hierarchy systemd tracks units in here: the unified one ("") where /sys/fs/cgroup is
+    cgroup2, else name=systemd (legacy and hybrid).  A container may see its host's other hierarchies."""
+    fd = os.open("/sys/fs/cgroup", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return "" if syscalls.fs_magic(fd) == CGROUP2_SUPER_MAGIC else "name=systemd"
+    finally:
+        os.close(fd)
+
+
+def cgroup_path(pid: int | str, hierarchy: Optional[str] = None) -> str:
+    """The path of the process's cgroup in systemd's tracking hierarchy."""
+    wanted = tracking_hierarchy() if hierarchy is None else hierarchy
     with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
             _, controllers, path = line.rstrip("\n").split(":", 2)
-            if controllers == "name=systemd":
+            if controllers == wanted:
                 return path
-            if controllers == "":
-                unified = path
-    if unified is None:
-        raise OSError(f"process {pid} has no systemd cgroup")
-    return unified
+    raise OSError(f"process {pid} is in no {wanted or 'unified'} cgroup")
 
 
 def unit_of_cgroup(path: str, root: str = "/") -> Optional[str]:

@@ -42,6 +42,7 @@ class Outcome:
     carried: dict[str, Any]
     status_after: dict[str, Any]
     finished: bool
+    unit_warnings: list[str]  # what systemd said about the drop-ins the generator wrote
 
     @property
     def ok(self) -> bool:
@@ -51,6 +52,7 @@ class Outcome:
             and self.after.get("sha256") == self.before.get("sha256")
             and self.after.get("counter_at_start", -1) >= self.before.get("counter", 0)
             and self.finished
+            and not self.unit_warnings
         )
 
 
@@ -107,7 +109,11 @@ def run(suite: str, debs: list[Path], workdir: Path, trigger: str = "liveupdatec
         blackout = after["ready"] - start
         status_after = json.loads(c.sh("liveupdatectl --json=short status", check=True).stdout)
         finished = status_after["phase"] == "idle"
-        return Outcome(suite, str(c.systemd_version), trigger, before, after, blackout, carried, status_after, finished)
+        warnings = c.sh("journalctl -b --no-pager -o cat _PID=1 | grep -F 50-liveupdate.conf", timeout=30).stdout
+        return Outcome(
+            suite, str(c.systemd_version), trigger, before, after, blackout, carried, status_after, finished,
+            warnings.splitlines(),
+        )
     except Exception:
         if c.running:
             print(journal(c, "luod.service", "luo-demo-cache.service"), file=sys.stderr)
@@ -133,6 +139,7 @@ def report(o: Outcome) -> str:
         f"counter carried on from {a['counter_at_start']}, LIVEUPDATE_COUNT={a['live_update_count']}",
         f"  blackout (kexec request to service ready): {o.blackout_sec:.2f}s",
         f"  luod after: phase {o.status_after['phase']}, live updates {o.status_after['live_update_count']}",
+        *(f"  systemd warned: {w}" for w in o.unit_warnings),
         f"  result: {'PASS' if o.ok else 'FAIL'}",
     ]
     return "\n".join(lines)
