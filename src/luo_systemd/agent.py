@@ -20,6 +20,7 @@ from luo_systemd import cgroups, config, journal, names
 from luo_systemd.broker import Broker, BrokerConfig, FdStore, NoFdStore, Problem
 from luo_systemd.errors import LuoError
 from luo_systemd.kexec import Loader, cmdline_problems, loader_for
+from luo_systemd.kexec_watch import KexecWatcher
 from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
 from luo_systemd.policy import DROPIN, Policy, parse_policy
 
@@ -148,17 +149,19 @@ async def run(cfg: config.Config) -> int:
     tasks: list[asyncio.Task[object]] = []
     from luo_systemd.varlink_service import VarlinkService  # noqa: PLC0415
 
-    listener = activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
-    tasks.append(asyncio.ensure_future(VarlinkService(broker, cgroup_root).serve(listener)))
     bus = None
     if cfg.dbus:
         from luo_systemd.dbus_service import BUS_NAME, OBJECT_PATH, Agent1, AgentBus, install_fd_guard  # noqa: PLC0415
 
-        bus = await AgentBus().connect()
+        bus = AgentBus()
+        await bus.connect()
         agent = Agent1(bus, broker, cgroup_root)
         install_fd_guard(bus, agent)
         bus.export(OBJECT_PATH, agent)
         await bus.request_name(BUS_NAME)
+    watcher = KexecWatcher(broker, cfg.systemctl)
+    listener = activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
+    tasks.append(asyncio.ensure_future(VarlinkService(broker, cgroup_root, watcher.before_preserve).serve(listener)))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -13,8 +13,8 @@ import socket
 import struct
 from typing import Optional
 
-from luo_systemd.errors import AccessDenied
 from luo_systemd import syscalls
+from luo_systemd.errors import AccessDenied
 from luo_systemd.names import is_unit_name
 
 SO_PEERPIDFD = 77  # Linux 6.5; not in Python's socket module yet

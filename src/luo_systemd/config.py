@@ -31,6 +31,7 @@ class Config:
     max_fds_total: int = 4096
     busy_retries: int = 8
     dbus: bool = True  # serve io.liveupdate.Agent1 on the system bus
+    systemctl: list[str] = dataclasses.field(default_factory=lambda: ["systemctl"])  # asks PID 1 about kexec jobs
 
 
 def config_files(dirs: Iterable[str] = CONFIG_DIRS) -> list[str]:
@@ -59,7 +60,7 @@ def load(files: Iterable[str]) -> Config:
             field = fields.get(key)
             if field is None:
                 raise InvalidRequest(f"{path}: unknown setting agent.{key}")
-            expected = type(Config.__dict__.get(key, field.default))
+            expected = list if field.default is dataclasses.MISSING else type(field.default)
             if type(value) is not expected:
                 raise InvalidRequest(f"{path}: agent.{key} must be a {expected.__name__}")
             values[key] = value

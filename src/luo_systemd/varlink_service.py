@@ -11,7 +11,8 @@ import dataclasses
 import logging
 import os
 import socket
-from typing import Any, Callable, ClassVar
+from collections.abc import Awaitable
+from typing import Any, Callable, ClassVar, Optional
 
 from luo_systemd import cgroups, errors, varlink
 from luo_systemd.broker import Broker, Caller, Problem
@@ -82,9 +83,12 @@ def _problems(problems: list[Problem]) -> dict[str, Any]:
 
 
 class VarlinkService:
-    def __init__(self, broker: Broker, cgroup_root: str) -> None:
+    def __init__(
+        self, broker: Broker, cgroup_root: str, before_preserve: Optional[Callable[[], Awaitable[None]]] = None
+    ) -> None:
         self.broker = broker
         self.cgroup_root = cgroup_root
+        self.before_preserve = before_preserve  # lets a kexec that systemd started arm the agent first
         self.connections: set[asyncio.Task[None]] = set()
 
     async def serve(self, listener: socket.socket) -> None:
@@ -120,6 +124,8 @@ class VarlinkService:
                         continue
                     continue
                 doc, fds = msg
+                if self.before_preserve is not None and doc.get("method") == f"{varlink.INTERFACE}.Preserve":
+                    await self.before_preserve()
                 reply, reply_fds = self._call(doc, fds, pid, uid, pidfd)
                 if doc.get("oneway"):
                     varlink.close_all(reply_fds)

@@ -111,7 +111,15 @@ def run(suite: str, debs: list[Path], workdir: Path, trigger: str = "liveupdatec
         finished = status_after["phase"] == "idle"
         warnings = c.sh("journalctl -b --no-pager -o cat _PID=1 | grep -F 50-liveupdate.conf", timeout=30).stdout
         return Outcome(
-            suite, str(c.systemd_version), trigger, before, after, blackout, carried, status_after, finished,
+            suite,
+            str(c.systemd_version),
+            trigger,
+            before,
+            after,
+            blackout,
+            carried,
+            status_after,
+            finished,
             warnings.splitlines(),
         )
     except Exception:

@@ -105,6 +105,25 @@ static const char *param(const char *cmdline, const char *key, char *out, size_t
 	return NULL;
 }
 
+/*
+ * The KHO scratch areas (lowmem, global, one per node): kexec_file_load must place the next kernel
+ * and initrd inside them.  They are sized on the cold boot and inherited by every kexec'd kernel.
+ */
+static void print_scratch(void)
+{
+	char buf[512], line[512] = "", *p, *save = NULL;
+	unsigned long long total = 0, v;
+
+	if (read_file("/sys/kernel/debug/kho/out/scratch_len", buf, sizeof(buf)) < 0)
+		return;
+	for (p = strtok_r(buf, "\n", &save); p; p = strtok_r(NULL, "\n", &save)) {
+		v = strtoull(p, NULL, 16);
+		total += v;
+		snprintf(line + strlen(line), sizeof(line) - strlen(line), "%s%llu", line[0] ? " + " : "", v >> 20);
+	}
+	say("KHO scratch areas: %s = %llu MiB", line, total >> 20);
+}
+
 int main(void)
 {
 	char cmdline[4096], boot[16] = "0";
@@ -141,6 +160,7 @@ int main(void)
 	if (access("/sys/kernel/debug/kho/in", F_OK) == 0)
 		say("debugfs kho/in present: this is a live-update (KHO) boot");
 	say("/dev/liveupdate %s", access("/dev/liveupdate", F_OK) == 0 ? "present" : "MISSING");
+	print_scratch();
 
 	pid = fork();
 	if (pid < 0) {

@@ -9,7 +9,7 @@
 #        LUO_QEMU_TIMEOUT     seconds for the whole qemu run (default 600)
 #        LUO_QEMU_MEM         guest RAM (default 1G)
 #        LUO_KERNEL_FRAGMENT  config fragment passed to build-kernel.sh (default luo.config here)
-#        LUO_INITRD_COMPRESS  xz (default), zstd, or none
+#        LUO_INITRD_COMPRESS  zstd (default), xz, or none
 #        LUO_EXTRA_APPEND     extra kernel command line words (e.g. "liveupdate=off" to see it fail)
 #
 # The initrd: a static /init (contract-init.c), the bzImage (for the in-guest kexec_file_load), the
@@ -27,7 +27,7 @@ CACHE=${LUO_CACHE:-/var/cache/luo-systemd}
 export LUO_CACHE=$CACHE
 TIMEOUT=${LUO_QEMU_TIMEOUT:-600}
 MEM=${LUO_QEMU_MEM:-1G}
-COMPRESS=${LUO_INITRD_COMPRESS:-xz}
+COMPRESS=${LUO_INITRD_COMPRESS:-zstd}
 PY=/usr/bin/python3.11
 VENV_SITE=$REPO/.venv/lib/python3.11/site-packages
 CMDLINE_BASE="console=ttyS0 kho=on liveupdate=on panic=-1 retain_initrd luo_boot=0"
@@ -55,80 +55,111 @@ mkdir -p "$W" "$CACHE/contract"
 exec 9>"$CACHE/run-contract.lock"
 flock 9
 
-# --- the Python tree (cached per python3.11 build and per this script's pruning rules) ------------
+compress() {  # FILE LEVEL -> prints the compressed file's path
+    case $COMPRESS in
+    xz) xz --check=crc32 -T0 "-$2" -c "$1" > "$1.xz"; echo "$1.xz" ;;
+    zstd) zstd -q -f "-$2" -T0 "$1" -o "$1.zst"; echo "$1.zst" ;;
+    none) echo "$1" ;;
+    esac
+}
+to_cpio() {  # DIR OUT: a newc archive of DIR's contents, owned by root
+    (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) > "$2"
+}
+
+# --- part 1, cached: python3.11 + libs + pruned stdlib + pytest & co (one key for all of it) ------
+# The initrd is two concatenated compressed cpio archives (the kernel unpacks each in turn): this big
+# one changes only with the interpreter, the venv's pytest & co, the pruning rules or the compression.
 STDLIB_DROP=(test idlelib tkinter turtledemo ensurepip lib2to3 pydoc_data distutils venv sqlite3 dbm curses
     __phello__ site-packages dist-packages "config-3.11-x86_64-linux-gnu" turtle.py __pycache__)
 DYNLOAD_KEEP=(_asyncio _bz2 _contextvars _ctypes _decimal _json _lsprof _lzma _multibytecodec
     _multiprocessing _posixshmem _queue _typing _uuid _zoneinfo mmap resource termios)
-PYKEY=$( { sha256sum "$PY"; echo "${STDLIB_DROP[*]} / ${DYNLOAD_KEEP[*]} / v1"; } | sha256sum | cut -c1-16)
+# pytest 9 imports pygments unconditionally (terminalwriter) and asks importlib.metadata for pluggy's
+# version, so the packages go in with their dist-info.
+SITE_PKGS=(pytest pluggy iniconfig packaging pygments)
+SITE_MODS=(pytest _pytest pluggy iniconfig packaging pygments py.py)
+site_infos=()
+for p in "${SITE_PKGS[@]}"; do
+    d=$(compgen -G "$VENV_SITE/$p-*.dist-info") || die "no $p-*.dist-info in $VENV_SITE (run scripts/bootstrap.sh)"
+    site_infos+=("$d")
+done
+PYKEY=$( {
+    sha256sum "$PY"
+    echo "${STDLIB_DROP[*]} / ${DYNLOAD_KEEP[*]} / ${SITE_MODS[*]} / ${site_infos[*]##*/} / $COMPRESS / v2"
+} | sha256sum | cut -c1-16)
 PYROOT=$CACHE/contract/pyroot-$PYKEY
 if [[ ! -f $PYROOT/.ok ]]; then
-    log "staging python3.11 ($($PY -V 2>&1)) into $PYROOT"
-    rm -rf "$PYROOT"; mkdir -p "$PYROOT/usr/bin" "$PYROOT/usr/lib" "$PYROOT/lib/x86_64-linux-gnu" "$PYROOT/lib64"
-    cp "$PY" "$PYROOT/usr/bin/python3.11"
-    ln -s python3.11 "$PYROOT/usr/bin/python3"
+    t_py=$(date +%s)
+    log "staging python3.11 ($($PY -V 2>&1)) + ${SITE_PKGS[*]} into $PYROOT"
+    rm -rf "$PYROOT"
+    R=$PYROOT/root
+    mkdir -p "$R/usr/bin" "$R/usr/lib" "$R/lib/x86_64-linux-gnu" "$R/lib64" "$R/luo/site"
+    cp "$PY" "$R/usr/bin/python3.11"
+    ln -s python3.11 "$R/usr/bin/python3"
     excludes=()
     for d in "${STDLIB_DROP[@]}"; do excludes+=(--exclude="python3.11/$d"); done
-    tar -C /usr/lib "${excludes[@]}" --exclude='__pycache__' -cf - python3.11 | tar -C "$PYROOT/usr/lib" -xf -
-    find "$PYROOT/usr/lib/python3.11" -xtype l -delete  # Debian's sitecustomize.py -> /etc/...
-    DL=$PYROOT/usr/lib/python3.11/lib-dynload
+    tar -C /usr/lib "${excludes[@]}" --exclude='__pycache__' -cf - python3.11 | tar -C "$R/usr/lib" -xf -
+    find "$R/usr/lib/python3.11" -xtype l -delete  # Debian's sitecustomize.py -> /etc/python3.11/...
+    DL=$R/usr/lib/python3.11/lib-dynload
     for so in "$DL"/*.so; do
         keep=0
         for k in "${DYNLOAD_KEEP[@]}"; do [[ $(basename "$so") == "$k".cpython-* ]] && keep=1; done
         ((keep)) || rm -f "$so"
     done
     # Shared libraries: whatever ldd resolves for the interpreter and the kept extension modules.
-    for lib in $(ldd "$PY" "$DL"/*.so 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u); do
+    for lib in $(ldd "$PY" "$DL"/*.so 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/.*[^:]$/ && $2 ~ /^\(/ {print $1}' | sort -u); do
         case $lib in
-        */ld-linux-x86-64.so.2) cp -L "$lib" "$PYROOT/lib64/ld-linux-x86-64.so.2" ;;
-        *) cp -L "$lib" "$PYROOT/lib/x86_64-linux-gnu/$(basename "$lib")" ;;
+        */ld-linux-x86-64.so.2) cp -L "$lib" "$R/lib64/ld-linux-x86-64.so.2" ;;
+        *) cp -L "$lib" "$R/lib/x86_64-linux-gnu/$(basename "$lib")" ;;
         esac
     done
-    # .pyc that is valid whatever the mtimes in the cpio: unchecked-hash.
-    "$PY" -m compileall -q -j0 --invalidation-mode unchecked-hash "$PYROOT/usr/lib/python3.11" > /dev/null \
+    for p in "${SITE_MODS[@]}"; do
+        [[ -e $VENV_SITE/$p ]] || die "$VENV_SITE/$p missing"
+        cp -a "$VENV_SITE/$p" "$R/luo/site/"
+    done
+    cp -a "${site_infos[@]}" "$R/luo/site/"
+    find "$R/luo/site" -name __pycache__ -prune -exec rm -rf {} +
+    # .pyc that is valid whatever the mtimes in the cpio: unchecked-hash.  Saves compiling at every boot.
+    "$PY" -m compileall -q -j0 --invalidation-mode unchecked-hash "$R/usr/lib/python3.11" "$R/luo/site" > /dev/null \
         || die "compileall of the stdlib failed"
+    to_cpio "$R" "$PYROOT/runtime.cpio"
+    compress "$PYROOT/runtime.cpio" 19 > "$PYROOT/runtime.name"
     touch "$PYROOT/.ok"
+    log "runtime archive built in $(($(date +%s) - t_py)) s"
 fi
+RUNTIME=$(cat "$PYROOT/runtime.name")
 
-# --- the per-run part: project sources, pytest & co, /init, bzImage ------------------------------
-STAGE=$W/rootfs
-rm -rf "$STAGE"
-mkdir -p "$STAGE"
-cp -a "$PYROOT/." "$STAGE/"
-rm -f "$STAGE/.ok"
-mkdir -p "$STAGE"/{dev,proc,sys,tmp,boot,etc,luo/site,luo/tests} "$STAGE/usr/sbin"
-mknod -m 600 "$STAGE/dev/console" c 5 1
-echo "root:x:0:0:root:/tmp:/bin/sh" > "$STAGE/etc/passwd"
-echo "root:x:0:" > "$STAGE/etc/group"
-gcc -static -O2 -Wall -o "$W/init" "$HERE/contract-init.c"
-cp "$W/init" "$STAGE/init"
-cp "$BZ" "$STAGE/boot/bzImage"
-for p in pytest _pytest pluggy iniconfig packaging py.py; do
-    [[ -e $VENV_SITE/$p ]] || die "$VENV_SITE/$p missing"
-    cp -a "$VENV_SITE/$p" "$STAGE/luo/site/"
-done
-cp -a "$REPO/src" "$STAGE/luo/src"
-cp "$REPO/pyproject.toml" "$STAGE/luo/"
-cp "$REPO/tests/__init__.py" "$REPO/tests/conftest.py" "$STAGE/luo/tests/"
-cp -a "$REPO/tests/contract" "$STAGE/luo/tests/contract"
-find "$STAGE/luo" -name __pycache__ -prune -exec rm -rf {} + -o -name '*.egg-info' -prune -exec rm -rf {} +
-"$PY" -m compileall -q -j0 --invalidation-mode unchecked-hash "$STAGE/luo" > /dev/null || die "compileall /luo failed"
+# --- part 2, every run: /init, the bzImage, the project's src/ and tests -----------------------------
+PART=$W/run
+STAGE=$W/rootfs  # both parts together, for the host-side import check below
+rm -rf "$PART" "$STAGE"
+mkdir -p "$PART"/{dev,proc,sys,tmp,boot,etc,luo/tests}
+mknod -m 600 "$PART/dev/console" c 5 1
+echo "root:x:0:0:root:/tmp:/bin/sh" > "$PART/etc/passwd"
+echo "root:x:0:" > "$PART/etc/group"
+gcc -static -O2 -Wall -o "$PART/init" "$HERE/contract-init.c"
+cp "$BZ" "$PART/boot/bzImage"
+cp -a "$REPO/src" "$PART/luo/src"
+cp "$REPO/pyproject.toml" "$PART/luo/"
+# conftest.py and what it imports (tests/harness.py); nothing of dbus-next or systemd-python.
+cp "$REPO/tests/__init__.py" "$REPO/tests/conftest.py" "$REPO/tests/harness.py" "$PART/luo/tests/"
+cp -a "$REPO/tests/contract" "$PART/luo/tests/contract"
+find "$PART/luo" -name __pycache__ -prune -exec rm -rf {} + -o -name '*.egg-info' -prune -exec rm -rf {} +
+"$PY" -m compileall -q -j0 --invalidation-mode unchecked-hash "$PART/luo" > /dev/null || die "compileall /luo failed"
 
 # Sanity check on the host: the staged interpreter imports what the guest will (in a chroot).
+mkdir -p "$STAGE"
+cp -a "$PYROOT/root/." "$PART/." "$STAGE/"
 chroot "$STAGE" /usr/bin/python3.11 -c '
 import os, sys
 os.chdir("/luo"); sys.path[:0] = ["/luo", "/luo/src", "/luo/site"]
 import pytest, tests.conftest, tests.contract.test_rules, tests.contract.kexec_driver
 ' || die "the staged python cannot import the suite (see above)"
 
-CPIO=$W/initrd.cpio
-(cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) > "$CPIO"
-case $COMPRESS in
-xz) INITRD=$CPIO.xz; xz --check=crc32 -T0 -6 -c "$CPIO" > "$INITRD" ;;
-zstd) INITRD=$CPIO.zst; zstd -q -f -19 -T0 "$CPIO" -o "$INITRD" ;;
-none) INITRD=$CPIO ;;
-esac
-log "initrd: $(du -sh --apparent-size "$STAGE" | cut -f1) staged, cpio $(stat -c %s "$CPIO") bytes, $COMPRESS $(stat -c %s "$INITRD") bytes; bzImage $(stat -c %s "$BZ") bytes"
+to_cpio "$PART" "$W/run.cpio"
+RUNPART=$(compress "$W/run.cpio" 9)
+INITRD=$W/initrd.img
+cat "$RUNTIME" "$RUNPART" > "$INITRD"
+log "initrd $(stat -c %s "$INITRD") bytes ($COMPRESS): runtime $(stat -c %s "$RUNTIME") (cpio $(stat -c %s "$PYROOT/runtime.cpio")) + run $(stat -c %s "$RUNPART") (cpio $(stat -c %s "$W/run.cpio")); $(du -s --apparent-size --block-size=1M "$STAGE" | cut -f1) MiB unpacked; bzImage $(stat -c %s "$BZ")"
 ((BUILD_ONLY)) && { echo "$INITRD"; exit 0; }
 
 # --- run ------------------------------------------------------------------------------------------
@@ -155,7 +186,7 @@ boots_expected=$(cd "$REPO" && "$PY" -c '
 import sys; sys.path[:0] = ["src"]
 from tests.contract.scenarios import SCENARIOS
 print(max(len(s.steps) for s in SCENARIOS))')
-pytest_line=$(grep -aE '^=+ .*( passed| failed| error| no tests ran).* in [0-9.]+s.* =+$' "$serial" | tail -n1 || true)
+pytest_line=$(grep -aE '^=+ .*( passed| failed| errors?| skipped| xfailed| no tests ran).* in [0-9.]+s.* =+$' "$serial" | tail -n1 || true)
 driver_line=$(grep -aE '^contract-kexec: [0-9]+ passed, [0-9]+ failed$' "$serial" | tail -n1 || true)
 step_pass=$(grep -acE '^SCENARIO .* step [0-9]+ PASS' "$serial" || true)
 step_fail=$(grep -acE '^SCENARIO .* step [0-9]+ FAIL' "$serial" || true)
@@ -164,6 +195,7 @@ boots=$(grep -ac 'Linux version' "$serial" || true)
 why=()
 [[ -n $pytest_line ]] || why+=("no pytest summary line")
 [[ -z $pytest_line || ! $pytest_line =~ (failed|error) ]] || why+=("pytest: failures")
+[[ -z $pytest_line || $pytest_line =~ [0-9]+\ passed ]] || why+=("pytest: nothing passed")
 grep -aq '^RULES pytest PASS' "$serial" || why+=("RULES pytest did not PASS")
 grep -aq '^CHECK no-leak PASS' "$serial" || why+=("CHECK no-leak did not PASS")
 ((step_fail == 0)) || why+=("$step_fail scenario step(s) FAILED")

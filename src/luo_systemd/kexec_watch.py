@@ -1,0 +1,47 @@
+"""Noticing a kexec that systemd started without liveupdatectl (``systemctl kexec``, ``kexec.target``).
+
+Such a kexec skips the pre-flight check and nobody armed luod, but the units still stop through their
+ExecStop= hooks.  So when a hook asks to preserve while luod is not armed, luod asks systemd whether
+kexec.target has a job queued, and arms itself if it has.  It asks with systemctl, which talks to PID 1 over
+its private socket: the system bus may already be gone at that point of a shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+
+from luo_systemd.broker import Broker, Caller
+
+log = logging.getLogger("luod")
+
+KEXEC_TARGET = "kexec.target"
+SYSTEMCTL_TIMEOUT_SEC = 5.0
+
+
+class KexecWatcher:
+    def __init__(self, broker: Broker, systemctl: Sequence[str] = ("systemctl",)) -> None:
+        self.broker = broker
+        self.systemctl = list(systemctl)
+
+    async def kexec_pending(self) -> bool:
+        """Whether kexec.target has a job (a kexec transaction is under way)."""
+        argv = [*self.systemctl, "list-jobs", "--no-legend", "--plain", KEXEC_TARGET]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            )
+            out, _ = await asyncio.wait_for(proc.communicate(), SYSTEMCTL_TIMEOUT_SEC)
+        except (OSError, asyncio.TimeoutError) as e:
+            log.warning("Cannot ask systemd for a kexec job (%s): treating this stop as an ordinary one", e)
+            return False
+        return any(line.split()[1:2] == [KEXEC_TARGET] for line in out.decode().splitlines())
+
+    async def before_preserve(self) -> None:
+        if not self.broker.armed and await self.kexec_pending():
+            log.warning(
+                "A kexec was started without liveupdatectl: preserving units as they stop, without a pre-flight check"
+            )
+            self.broker.arm(Caller(uid=0, pid=os.getpid(), unit=None), force=True)
