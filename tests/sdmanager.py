@@ -7,10 +7,11 @@ How it runs (see :meth:`UserManager.start`)::
     sh boot.sh                                   # host mount namespace
       echo $$ > /sys/fs/cgroup/<hierarchy>/NAME/cgroup.procs      (name=systemd and unified on hybrid hosts)
       exec unshare --mount --propagation private -- sh -c '
-        mount tmpfs on /run/systemd; mkdir /run/systemd/system    (systemd --user needs it: "booted with systemd")
+        mount tmpfs on /run; mkdir /run/systemd/system            (systemd --user needs it: "booted with systemd";
+                                                                   units may use /run freely: the host's is hidden)
         harness drop-in into /run/systemd/user.conf.d/
         bind DIR/journal (journal sockets we serve) on /run/systemd/journal
-        mount tmpfs on /run/user; mkdir /run/user/0               (XDG_RUNTIME_DIR: private bus socket, notify socket)
+        mkdir /run/user/0                                         (XDG_RUNTIME_DIR: private bus socket, notify socket)
         mount tmpfs on /etc/systemd/user                          (hides the host's enabled user units)
         bind DIR/kmsg (a FIFO we read) on /dev/kmsg, /dev/null on /dev/console
         exec systemd --user --log-target=journal'
@@ -83,11 +84,10 @@ DefaultTimeoutStopSec=10s
 """
 
 NAMESPACE_SCRIPT = """set -eu
-mount -t tmpfs -o mode=0755 luo-sdmanager /run/systemd
-mkdir /run/systemd/system /run/systemd/user.conf.d /run/systemd/journal
+mount -t tmpfs -o mode=0755 luo-sdmanager /run
+mkdir -p /run/systemd/system /run/systemd/user.conf.d /run/systemd/journal /run/user
 cp "$1" /run/systemd/user.conf.d/50-luo-sdmanager.conf
 mount --bind "$2" /run/systemd/journal
-mount -t tmpfs -o mode=0755 luo-sdmanager /run/user
 mkdir -m 0700 /run/user/0
 if [ -d /etc/systemd/user ]; then mount -t tmpfs -o mode=0755,size=1m luo-sdmanager /etc/systemd/user; fi
 mount --bind "$3" /dev/kmsg

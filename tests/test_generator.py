@@ -48,7 +48,7 @@ def test_main_writes_the_plan(tmp_path: Path) -> None:
         check=True,
     )
     elapsed = time.monotonic() - start
-    expected = generator.plan(generator.collect_units(INPUT), generator.systemd_version())
+    expected = generator.plan(generator.collect_units(INPUT), generator.systemd_version(), generator.find_hook())
     assert tree(tmp_path) == expected.files
     print(f"\ngenerator run: {elapsed * 1000:.0f} ms")  # measured properly by bench/
 
@@ -81,8 +81,7 @@ def test_units_and_generated_dropins_verify(tmp_path: Path) -> None:
     (units / "vendor.service.d" / "liveupdate.conf").write_text(
         (CASES / "input/vendor.service.d/liveupdate.conf").read_text()
     )
-    hook = str(Path(sys.executable).parent / "luo-hook")  # where the package put it in this venv
-    result = generator.plan(generator.collect_units([str(units)]), generator.systemd_version(), hook=hook)
+    result = generator.plan(generator.collect_units([str(units)]), generator.systemd_version(), generator.find_hook())
     generator.write_plan(str(units), result)
     env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{units}:")
     for unit in (

@@ -13,6 +13,7 @@ import glob
 import os
 import re
 import sys
+import sysconfig
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Optional
 
@@ -211,12 +212,21 @@ def write_plan(out_dir: str, result: Plan) -> None:
             f.write(content)
 
 
+def find_hook() -> str:
+    """luo-hook as installed with this interpreter (a distro package: /usr/bin; a venv: its bin/)."""
+    for directory in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        candidate = os.path.join(directory, "luo-hook")
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return HOOK
+
+
 def main(argv: Sequence[str] = ()) -> int:
     args = list(argv or sys.argv)[1:]
     if len(args) not in (1, 3):
         print(f"usage: {NAME} NORMAL-DIR [EARLY-DIR LATE-DIR]", file=sys.stderr)
         return 1
-    result = plan(collect_units(unit_path(os.environ)), systemd_version())
+    result = plan(collect_units(unit_path(os.environ)), systemd_version(), find_hook())
     write_plan(args[0], result)
     for problem in result.problems:
         kmsg(problem, priority=3)

@@ -1,0 +1,145 @@
+"""Units, generator, hooks and luod under a real systemd manager (``systemd --user`` for root, in a private
+mount namespace): a service's memfd crosses an emulated live update and comes back by name in
+LISTEN_FDNAMES; and a SIGKILLed luod loses nothing (its own systemd fd store carries its state)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import Emulator, python_path
+from tests.sdmanager import UserManager, available
+
+TOP = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not available()[0], reason=f"skipped because {available()[1]}")
+
+
+def setup_dirs(tmp: Path) -> tuple[Path, Path]:
+    units = tmp / "units"
+    units.mkdir(parents=True)
+    for name in ("luod.service", "luod.socket"):
+        text = (TOP / "units" / name).read_text()
+        # A user manager cannot set up these namespaces (no /run/systemd/inaccessible without PID 1).
+        text = "\n".join(line for line in text.splitlines() if not line.startswith(("ProtectSystem=", "ProtectHome=")))
+        (units / name).write_text(text + "\n")
+    demo = (TOP / "demo" / "luo-demo-cache.service").read_text()
+    demo = demo.replace(
+        "ExecStart=/usr/local/bin/luo-demo-cache",
+        f"Environment=DEMO_CACHE_MB=8\nExecStart={TOP / 'demo' / 'luo-demo-cache'}",
+    )
+    (units / "luo-demo-cache.service").write_text(demo)
+    generators = tmp / "generators"
+    generators.mkdir()
+    wrapper = generators / "luo-systemd-generator"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {TOP / "generators" / "luo-systemd-generator"} "$@"\n')
+    wrapper.chmod(0o755)
+    return units, generators
+
+
+class Machine:
+    """One "boot": a user manager with luod and the demo, on a shared emulator."""
+
+    def __init__(self, tmp: Path, emulator: Emulator, boot: int) -> None:
+        units, generators = setup_dirs(tmp / f"boot{boot}")
+        self.manager = UserManager(
+            tmp / f"boot{boot}" / "manager",
+            unit_dirs=[units],
+            generator_dirs=[generators],
+            environment={"PYTHONPATH": python_path()},
+        )
+        self.emulator = emulator
+
+    def start(self) -> None:
+        m = self.manager
+        m.start()
+        config = textwrap.dedent(f"""\
+            [agent]
+            backend = "emulator"
+            emulator_socket = "{self.emulator.socket}"
+            policy_dir = "/run/user/0/systemd/generator"
+            dbus = false
+            """)
+        m.run(["sh", "-c", "mkdir -p /run/luod && cat > /run/luod/luod.toml"], input=config, check=True)
+        m.systemctl("start", "luod.socket", "luod.service")
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        code = (
+            "import json, sys; from luo_systemd import varlink\n"
+            "c = varlink.Client('/run/luod/liveupdate.sock', timeout=30)\n"
+            f"print(json.dumps(c.call({method!r}, {params!r})[0]))"
+        )
+        out = self.manager.run([sys.executable, "-c", code], check=True)
+        return dict(json.loads(out.stdout))
+
+    def demo(self) -> dict[str, Any]:
+        self.manager.systemctl("start", "luo-demo-cache.service")
+        return dict(json.loads(self.manager.run(["cat", "/run/luo-demo/status.json"], check=True).stdout))
+
+
+@pytest.fixture
+def machines(tmp_path: Path) -> Iterator[tuple[Emulator, list[Machine]]]:
+    emu_dir = tmp_path / "emu"
+    emu_dir.mkdir()
+    emulator = Emulator(emu_dir)
+    made: list[Machine] = []
+    try:
+        yield emulator, made
+    finally:
+        for m in made:
+            if m.manager.running:
+                m.manager.stop()
+        assert "Traceback" not in emulator.stop()
+
+
+def test_live_update_under_systemd(tmp_path: Path, machines: tuple[Emulator, list[Machine]]) -> None:
+    emulator, made = machines
+    first = Machine(tmp_path, emulator, 1)
+    made.append(first)
+    first.start()
+    dropin = first.manager.run(
+        ["cat", "/run/user/0/systemd/generator/luo-demo-cache.service.d/50-liveupdate.conf"], check=True
+    ).stdout
+    assert "ExecStartPre=-" in dropin and "NotifyAccess=exec" in dropin
+    before = first.demo()
+    assert before["restored"] is False and before["live_update"] is False
+
+    # An agent crash loses nothing: systemd restarts it and hands its fd store back.
+    os.kill(first.manager.main_pid("luod.service"), signal.SIGKILL)
+    first.manager.systemctl("start", "luod.service")  # waits for the restart's READY=1
+    assert [f["name"] for f in first.call("List", {"unit": "luo-demo-cache.service"})["fds"]] == ["cache"]
+    assert first.manager.wait_for_entry(
+        "Recovered the agent's state from its fd store", unit="luod.service", timeout=10
+    )
+
+    emulator.load()
+    assert first.call("Arm") == {"problems": []}
+    first.manager.systemctl("stop", "luo-demo-cache.service")  # its ExecStop= hook preserves
+    assert [(f["name"], f["state"]) for f in first.call("List", {"unit": "luo-demo-cache.service"})["fds"]] == [
+        ("cache", "preserved")
+    ]
+    carried = emulator.live_update()
+    assert sorted(carried["carried"]) == ["luod", "luod/luo-demo-cache.service"]  # type: ignore[arg-type]
+    first.manager.stop()  # the old kernel's world is gone
+
+    second = Machine(tmp_path, emulator, 2)
+    made.append(second)
+    second.start()
+    after = second.demo()
+    assert after["restored"] is True, "the main process got the memfd in LISTEN_FDNAMES=cache"
+    assert after["live_update"] is True and after["live_update_count"] == 1, "LIVEUPDATE_RESTORED=1, COUNT=1"
+    assert after["sha256"] == before["sha256"]
+    assert after["counter_at_start"] > before["counter_at_start"]
+    status = second.call("Status")
+    assert status["phase"] == "idle" and status["live_update_count"] == 1, "ExecStartPost= finished the session"
+    hook_lines = [line for line in second.manager.journal("luo-demo-cache.service") if "luo-hook" in line]
+    assert any("handed 1 restored fd(s) to luo-demo-cache.service: cache" in line for line in hook_lines), hook_lines
+    assert any("finished the live update of luo-demo-cache.service" in line for line in hook_lines), hook_lines
