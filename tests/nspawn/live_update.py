@@ -72,24 +72,51 @@ def demo_status(c: harness.Container) -> dict[str, Any]:
     return dict(json.loads(c.read_file("/run/luo-demo/status.json")))
 
 
-def journal(c: harness.Container, *units: str) -> str:
+def journal(c: harness.Container, *units: str, boot: str = "-1") -> str:
     args = " ".join(f"-u {u}" for u in units)
-    return str(c.sh(f"journalctl -b -1 --no-pager -o short-monotonic {args}", timeout=30).stdout)
+    return str(c.sh(f"journalctl -b {boot} --no-pager -o short-monotonic {args}", timeout=30).stdout)
 
 
-def run(suite: str, debs: list[Path], workdir: Path, trigger: str = "liveupdatectl") -> Outcome:
-    rootfs = harness.ensure_rootfs(suite, quiet=True)
-    deb_dir = debs[0].parent
-    emu_dir = workdir / "luo-emu"
-    emu_dir.mkdir(parents=True, exist_ok=True)
-    emulator = Emulator(emu_dir, name="liveupdate.sock")
-    c = harness.Container(
-        rootfs, workdir / "container", binds=[(str(emu_dir), "/run/luo-emu")], binds_ro=[(str(deb_dir), "/mnt/debs")]
-    )
-    try:
-        c.boot()
-        c.wait_running()
-        install(c, debs)
+class LiveUpdateBed:
+    """A booted container with the packages and the demo installed, on an emulator of its own."""
+
+    def __init__(self, suite: str, debs: list[Path], workdir: Path) -> None:
+        self.suite = suite
+        self.debs = debs
+        emu_dir = workdir / "luo-emu"
+        emu_dir.mkdir(parents=True, exist_ok=True)
+        self.emulator = Emulator(emu_dir, name="liveupdate.sock")
+        self.c = harness.Container(
+            harness.ensure_rootfs(suite, quiet=True),
+            workdir / "container",
+            binds=[(str(emu_dir), "/run/luo-emu")],
+            binds_ro=[(str(debs[0].parent), "/mnt/debs")],
+        )
+
+    def __enter__(self) -> LiveUpdateBed:
+        try:
+            self.c.boot()
+            self.c.wait_running()
+            install(self.c, self.debs)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc and exc[0] is not None and self.c.running:
+            print(journal(self.c, "luod.service", "luo-demo-cache.service", boot="0"), file=sys.stderr)
+        if self.c.running:
+            self.c.poweroff()
+            self.c.wait_exit(timeout=60)
+        self.c.close()
+        self.emulator.stop()
+
+    def luod_status(self) -> dict[str, Any]:
+        return dict(json.loads(self.c.sh("liveupdatectl --json=short status", check=True).stdout))
+
+    def live_update(self, trigger: str = "liveupdatectl") -> Outcome:
+        c = self.c
         demo_status(c)
         time.sleep(0.3)  # let the counter move, so that carrying on is visible
         before = dict(json.loads(c.read_file("/run/luo-demo/status.json")))
@@ -102,36 +129,56 @@ def run(suite: str, debs: list[Path], workdir: Path, trigger: str = "liveupdatec
         code = c.wait_exit(timeout=120)
         if code != 0 or c.shutdown_kind() not in (None, "kexec"):
             raise harness.HarnessError(f"the container went down with {code} ({c.shutdown_kind()})")
-        carried = emulator.status()
+        carried = self.emulator.status()
         c.boot()
         c.wait_running()
         after = demo_status(c)
-        blackout = after["ready"] - start
-        status_after = json.loads(c.sh("liveupdatectl --json=short status", check=True).stdout)
-        finished = status_after["phase"] == "idle"
+        status_after = self.luod_status()
         warnings = c.sh("journalctl -b --no-pager -o cat _PID=1 | grep -F 50-liveupdate.conf", timeout=30).stdout
         return Outcome(
-            suite,
+            self.suite,
             str(c.systemd_version),
             trigger,
             before,
             after,
-            blackout,
+            after["ready"] - start,
             carried,
             status_after,
-            finished,
+            status_after["phase"] == "idle",
             warnings.splitlines(),
         )
-    except Exception:
-        if c.running:
-            print(journal(c, "luod.service", "luo-demo-cache.service"), file=sys.stderr)
-        raise
-    finally:
-        if c.running:
-            c.poweroff()
-            c.wait_exit(timeout=60)
-        c.close()
-        emulator.stop()
+
+    def refused_update(self) -> dict[str, Any]:
+        """The demo stored its cache, then lost its opt-in (an admin removed [X-LiveUpdate]): the pre-flight
+        refuses, nothing is stopped."""
+        before = demo_status(self.c)
+        self.c.sh(
+            "sed -i '/^\\[X-LiveUpdate\\]/,$d' /etc/systemd/system/luo-demo-cache.service && systemctl daemon-reload",
+            check=True,
+        )
+        proc = self.c.sh(f"liveupdatectl kexec --kernel {GUEST_KERNEL}", timeout=120)
+        demo = self.c.sh("systemctl is-active luo-demo-cache.service").stdout.strip()
+        after = dict(json.loads(self.c.read_file("/run/luo-demo/status.json")))
+        return {
+            "exit_code": proc.returncode,
+            "stderr": proc.stderr,
+            "demo": demo,
+            "same_process": after["pid"] == before["pid"],
+            "luod": self.luod_status(),
+            "system": self.c.system_state(),
+        }
+
+    def kill_agent(self) -> str:
+        """SIGKILL luod after the demo stored its cache; systemd restarts it.  Returns what it logged."""
+        demo_status(self.c)
+        self.c.sh("systemctl kill --signal=SIGKILL luod.service", check=True)
+        self.c.sh("systemctl start luod.service", check=True, timeout=60)  # waits for the restart's READY=1
+        return str(self.c.sh("journalctl -b --no-pager -o cat -u luod.service", timeout=30).stdout)
+
+
+def run(suite: str, debs: list[Path], workdir: Path, trigger: str = "liveupdatectl") -> Outcome:
+    with LiveUpdateBed(suite, debs, workdir) as bed:
+        return bed.live_update(trigger)
 
 
 def report(o: Outcome) -> str:

@@ -1,0 +1,68 @@
+"""End to end under a real systemd system manager: a Debian root file system booted with systemd-nspawn,
+the project installed from its own Debian packages, the demo service live-updated on the emulator.
+
+systemd 252 (bookworm), 257 (trixie) and 262 (sid); the root file systems and packages are built once and
+cached (see tests/nspawn/README.md and packaging/README.md).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.nspawn import harness
+from tests.nspawn.live_update import Outcome, LiveUpdateBed, report
+
+TOP = Path(__file__).resolve().parent.parent
+OK, WHY = harness.available()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not OK, reason=f"skipped because {WHY}")]
+
+
+@pytest.fixture(scope="session")
+def debs() -> list[Path]:
+    out = subprocess.run([str(TOP / "packaging" / "build-deb.sh")], check=True, capture_output=True, text=True)
+    return [Path(line) for line in out.stdout.split()]
+
+
+@pytest.fixture
+def bed(request: pytest.FixtureRequest, debs: list[Path], tmp_path: Path) -> Iterator[LiveUpdateBed]:
+    with LiveUpdateBed(request.param, debs, tmp_path) as testbed:
+        yield testbed
+
+
+def check(outcome: Outcome, count: int) -> None:
+    print("\n" + report(outcome))
+    assert outcome.after["restored"] and outcome.after["live_update"], report(outcome)
+    assert outcome.after["sha256"] == outcome.before["sha256"], "the memfd came back with identical content"
+    assert outcome.after["counter_at_start"] >= outcome.before["counter"], "the service carries on"
+    assert outcome.after["live_update_count"] == count
+    assert outcome.finished and outcome.status_after["live_update_count"] == count
+    assert outcome.unit_warnings == []
+    assert outcome.ok
+
+
+@pytest.mark.parametrize("bed", harness.SUITES, indirect=True)
+def test_two_live_updates_in_a_row(bed: LiveUpdateBed) -> None:
+    """liveupdatectl kexec, then a kexec that systemd itself starts (kexec.target) without liveupdatectl."""
+    check(bed.live_update("liveupdatectl"), 1)
+    check(bed.live_update("kexec.target"), 2)
+
+
+@pytest.mark.parametrize("bed", ["bookworm"], indirect=True)
+def test_preflight_refusal_stops_nothing(bed: LiveUpdateBed) -> None:
+    refused = bed.refused_update()
+    assert refused["exit_code"] == 3, refused
+    assert "has stored fds but no [X-LiveUpdate] section any more" in refused["stderr"]
+    assert "nothing was stopped" in refused["stderr"]
+    assert refused["demo"] == "active" and refused["same_process"], "the service kept running, untouched"
+    assert refused["luod"]["phase"] == "idle" and refused["system"] in ("running", "degraded")
+
+
+@pytest.mark.parametrize("bed", ["bookworm"], indirect=True)
+def test_agent_killed_before_the_kexec_loses_nothing(bed: LiveUpdateBed) -> None:
+    log = bed.kill_agent()
+    assert "Recovered the agent's state from its fd store: 1 unit(s)" in log
+    check(bed.live_update("liveupdatectl"), 1)
