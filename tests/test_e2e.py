@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.nspawn import harness
-from tests.nspawn.live_update import Outcome, LiveUpdateBed, report
+from tests.nspawn.live_update import LiveUpdateBed, Outcome, report
 
 TOP = Path(__file__).resolve().parent.parent
 OK, WHY = harness.available()

@@ -1,0 +1,53 @@
+"""The real-kernel tier: a LUO kernel (built from Debian's linux-source, cached) booted in qemu under TCG.
+
+The kernel's own LUO selftests check the harness; then the project's contract suite runs inside the guest
+across real kexecs (tests/contract/kexec_driver.py).  See tests/qemu/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+QEMU = Path(__file__).resolve().parent / "qemu"
+
+
+def why_not() -> str:
+    if platform.machine() != "x86_64":
+        return f"the qemu tier is x86_64 only (this is {platform.machine()})"
+    if os.geteuid() != 0:
+        return "building the kernel and the initrds needs root"
+    if os.environ.get("LUO_SKIP_QEMU"):
+        return "LUO_SKIP_QEMU is set"
+    return ""
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.kernel,
+    pytest.mark.skipif(bool(why_not()), reason=f"skipped because {why_not()}"),
+]
+
+
+def run(script: str, *args: str) -> str:
+    proc = subprocess.run([str(QEMU / script), *args], capture_output=True, text=True, timeout=3600, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_kernel_selftests() -> None:
+    out = run("run-selftests.sh", "luo_kexec_simple", "luo_multi_session")
+    assert re.search(r"^2 passed, 0 failed$", out, re.M), out
+
+
+def test_contract_suite_on_the_kernel() -> None:
+    out = run("run-contract.sh")
+    print(out)
+    rules = re.search(r"=+ (\d+) passed", out)
+    assert rules and int(rules.group(1)) >= 25, out
+    assert re.search(r"contract-kexec: \d+ passed, 0 failed", out), out
