@@ -39,14 +39,22 @@ def wait_ready(notify: socket.socket, proc: subprocess.Popen[bytes], what: str) 
 class Emulator:
     """A running ``luo-emu serve`` process."""
 
-    def __init__(self, directory: Path, name: str = "luo-emu.sock") -> None:
+    def __init__(self, directory: Path, name: str = "luo-emu.sock", without_luo: bool = False) -> None:
         self.socket = str(directory / name)
         notify_path = str(directory / ".notify.sock")
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
             notify.bind(notify_path)
             env = dict(os.environ, NOTIFY_SOCKET=notify_path)
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "luo_systemd.emulator", "--socket", self.socket, "serve"],
+                [
+                    sys.executable,
+                    "-m",
+                    "luo_systemd.emulator",
+                    "--socket",
+                    self.socket,
+                    "serve",
+                    *(["--without-luo"] if without_luo else []),
+                ],
                 env=env,
                 stderr=subprocess.PIPE,
             )

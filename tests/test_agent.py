@@ -4,13 +4,16 @@ processes placed in unit cgroups."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
+from pathlib import Path
 
 import pytest
 
 from luo_systemd import errors
-from tests.contract.scenarios import PAGE, digest, pattern
-from tests.harness import NOBODY, Agent, Emulator
+from tests.contract.scenarios import PAGE, digest, memfd, pattern
+from tests.harness import NOBODY, Agent, DBusDaemon, Emulator, UnitTree
 
 STORE_CACHE = """
 fd = os.memfd_create("cache", os.MFD_CLOEXEC)
@@ -101,3 +104,53 @@ def test_a_pipe_is_refused_at_store_time(agent: Agent) -> None:
     out = agent.run_as("demo.service", probe)
     assert "refused: Refusing to store 'p' of demo.service: a pipe" in out.stdout, out.stdout + out.stderr
     assert '{"fds": []}' in out.stdout
+
+
+def test_a_manifest_it_does_not_understand_is_refused(agent_unstarted: Agent, emulator: Emulator) -> None:
+    """A manifest from another luo-systemd version: refused loudly, never guessed at; the sessions stay."""
+    backend = emulator.backend
+    with backend.device() as dev:
+        luod = dev.create_session(b"luod")
+        unit = dev.create_session(b"luod/demo.service")
+    manifest = memfd("manifest", json.dumps({"format": "io.liveupdate.manifest", "version": 99}).encode())
+    backend.preserve_fd(luod, manifest, 0)
+    backend.preserve_fd(unit, memfd("cache", b"precious"), 1)
+    emulator.live_update()
+    agent_unstarted.start()
+    status, _ = agent_unstarted.call("Status")
+    assert status["phase"] == "idle" and status["units"] == []
+    assert len(status["problems"]) == 1
+    assert "manifest version 99 is not understood" in status["problems"][0]["message"]
+    assert "Refusing the manifest of the previous kernel" in agent_unstarted.log.read_text()
+    with backend.device() as dev:  # the unit's session was not touched: still there for a newer agent
+        assert dev.retrieve_session(b"luod/demo.service") >= 0
+
+
+def test_a_kernel_without_luo_is_reported(tmp_path: Path, bus: DBusDaemon, tree: UnitTree) -> None:
+    emu_dir = tmp_path / "emu"
+    emu_dir.mkdir()
+    emulator = Emulator(emu_dir, without_luo=True)
+    agent = Agent(tmp_path, emulator, bus, tree)
+    try:
+        agent.start()
+        status, _ = agent.call("Status")
+        assert status["supported"] is False and status["backend"] == "emulator"
+        problems, _ = agent.call("Preflight")
+        assert any(
+            "LUO is not usable" in p["message"] and "no Live Update Orchestrator" in p["message"]
+            for p in problems["problems"]
+        ), problems
+    finally:
+        agent.cleanup()
+        emulator.stop()
+
+
+def test_a_busy_device_is_retried_then_reported(agent: Agent, emulator: Emulator) -> None:
+    with emulator.backend.device():  # someone else (systemd >= 261, say) holds /dev/liveupdate
+        started = time.monotonic()
+        problems, _ = agent.call("Preflight")
+        waited = time.monotonic() - started
+    assert any("another process has /dev/liveupdate open" in p["message"] for p in problems["problems"])
+    assert 1.0 < waited < 5.0, f"bounded backoff: {waited:.2f}s"
+    problems, _ = agent.call("Preflight")
+    assert not any("/dev/liveupdate" in p["message"] for p in problems["problems"])

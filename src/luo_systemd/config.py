@@ -29,7 +29,7 @@ class Config:
     policy_dir: str = "/run/systemd/generator"  # where the generator writes the units' [X-LiveUpdate]
     env_dir: str = "/run/luod/env"
     max_fds_total: int = 4096
-    busy_retries: int = 8
+    busy_retries: int = 5
     dbus: bool = True  # serve io.liveupdate.Agent1 on the system bus
     systemctl: list[str] = dataclasses.field(default_factory=lambda: ["systemctl"])  # asks PID 1 about kexec jobs
 

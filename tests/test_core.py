@@ -1,0 +1,106 @@
+"""The pure core: names, policy parsing, the manifest format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from luo_systemd import names
+from luo_systemd.errors import BadManifest, InvalidName, InvalidRequest
+from luo_systemd.manifest import CarriedFd, CarriedUnit, FdKind, Manifest
+from luo_systemd.policy import FinishMode, NoReturn, PreserveAt, parse_policy
+
+
+@pytest.mark.parametrize("name", ["a", "cache", "x" * 255, "with space", "~!@#$%^&*()"])
+def test_valid_fd_names(name: str) -> None:
+    assert names.check_fd_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "a:b", "x" * 256, "tab\there", "é"])
+def test_invalid_fd_names(name: str) -> None:
+    with pytest.raises(InvalidName):
+        names.check_fd_name(name)
+
+
+def test_session_names_fit_and_are_deterministic() -> None:
+    assert names.unit_session_name("demo.service") == "luod/demo.service"
+    long_unit = "a" * 200 + ".service"
+    name = names.unit_session_name(long_unit)
+    assert len(name.encode()) <= 63 and name == names.unit_session_name(long_unit)
+    assert name != names.unit_session_name("a" * 199 + "b.service")
+    assert names.client_session_name("qemu@vm1.service", "iommufd") == "luod/qemu@vm1.service/iommufd"
+    assert names.template_of("qemu@vm1.service") == "qemu@.service" and names.template_of("x.service") is None
+
+
+def test_policy_defaults_and_overrides() -> None:
+    assert parse_policy(["[Service]\nExecStart=/bin/true\n"]) is None
+    default = parse_policy(["[X-LiveUpdate]\n"])
+    assert default is not None and default.preserve_at is PreserveAt.STOP and default.finish is FinishMode.AUTO
+    policy = parse_policy(
+        [
+            "[X-LiveUpdate]\nFileDescriptorNames=a b\nOnNoReturn=discard\n",
+            "# a drop-in\n[X-LiveUpdate]\nFileDescriptorNames=c\nReturnTimeoutSec=2min\n",
+            "[X-LiveUpdate]\nFinish=explicit\n",
+        ]
+    )
+    assert policy is not None
+    assert policy.fd_names == ("a", "b", "c") and policy.on_no_return is NoReturn.DISCARD
+    assert policy.return_timeout_sec == 120 and policy.finish is FinishMode.EXPLICIT
+    reset = parse_policy(["[X-LiveUpdate]\nFileDescriptorNames=a\n", "[X-LiveUpdate]\nFileDescriptorNames=\n"])
+    assert reset is not None and reset.fd_names == () and reset.carries("anything")
+    assert parse_policy([policy.to_section()]) == policy, "the normalized section reads back the same"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("PreserveAt=later", "expected stop|store"),
+        ("FileDescriptorMax=0", "expected 1..4096"),
+        ("ReturnTimeoutSec=soon", "is not a time"),
+        ("Unknown=1", "unknown key Unknown="),
+        ("FileDescriptorNames=a:b", "contains ':'"),
+    ],
+)
+def test_policy_errors_name_the_key(line: str, message: str) -> None:
+    with pytest.raises((InvalidRequest, InvalidName), match=message):
+        parse_policy([f"[X-LiveUpdate]\n{line}\n"])
+
+
+def manifest() -> Manifest:
+    return Manifest(
+        update_count=3,
+        written_usec=1_700_000_000_000_000,
+        kernel="7.2.13",
+        units=(
+            CarriedUnit("demo.service", "luod/demo.service", (CarriedFd("cache", FdKind.MEMFD, 0, token=1),)),
+            CarriedUnit(
+                "qemu@vm1.service",
+                "",
+                (CarriedFd("dev", FdKind.SESSION, 2, session="vm1-dev"),),
+                (("iommufd", "luod/qemu@vm1.service/iommufd"),),
+            ),
+        ),
+    )
+
+
+def test_manifest_round_trip() -> None:
+    assert Manifest.decode(manifest().encode()) == manifest()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.update(version=2), "version 2 is not understood"),
+        (lambda d: d.update(format="something else"), "no 'format"),
+        (lambda d: d["units"][0]["fds"][0].update(token=-1), "malformed"),
+        (lambda d: d.pop("units"), "malformed"),
+    ],
+)
+def test_manifest_refused_when_not_understood(mutate: object, message: str) -> None:
+    doc = json.loads(manifest().encode())
+    mutate(doc)  # type: ignore[operator]
+    with pytest.raises(BadManifest, match=message):
+        Manifest.decode(json.dumps(doc).encode())
+    with pytest.raises(BadManifest, match="not JSON"):
+        Manifest.decode(b"\x00garbage")
