@@ -31,6 +31,7 @@ from dbus_next.message import Message
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from luo_systemd import cgroups, errors
+from luo_systemd.varlink import close_all
 from luo_systemd.broker import Broker, Caller, Problem
 
 log = logging.getLogger("luod")
@@ -109,16 +110,8 @@ class AgentBus(MessageBus):
         future: asyncio.Future[None] = super().send(msg)
         if msg.message_type is MessageType.METHOD_RETURN and msg.unix_fds:
             fds = list(msg.unix_fds)
-            future.add_done_callback(lambda _: _close_all(fds))  # only once they are on the wire
+            future.add_done_callback(lambda _: close_all(fds))  # only once they are on the wire
         return future
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _problems(problems: list[Problem]) -> list[list[str]]:
@@ -142,7 +135,7 @@ def dbus_method(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
             log.exception("Internal error in %s", fn.__name__)
             raise DBusError(errors.LuoError().dbus_name, f"internal error: {type(e).__name__}") from None
         finally:
-            _close_all(received)
+            close_all(received)
 
     # dbus-next reads the D-Bus signature from the annotations: show it the method without ``caller``.
     signature = inspect.signature(fn)
@@ -239,7 +232,7 @@ class Agent1(ServiceInterface):
             raise errors.LimitExceeded(f"at most {MAX_FDS_PER_MESSAGE} fds per reply; ask in batches")
         got = self.broker.retrieve(caller, unit, list(names))
         if len(got) > MAX_FDS_PER_MESSAGE:
-            _close_all([fd for _, fd in got])
+            close_all([fd for _, fd in got])
             raise errors.LimitExceeded(f"more than {MAX_FDS_PER_MESSAGE} fds restored: ask by name, in batches")
         return [[name, fd] for name, fd in got]
 
