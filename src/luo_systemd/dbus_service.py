@@ -20,7 +20,6 @@ import contextvars
 import functools
 import inspect
 import logging
-import os
 from collections.abc import Awaitable
 from typing import Any, Callable
 
@@ -31,8 +30,8 @@ from dbus_next.message import Message
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from luo_systemd import cgroups, errors
-from luo_systemd.varlink import close_all
 from luo_systemd.broker import Broker, Caller, Problem
+from luo_systemd.varlink import close_all
 
 log = logging.getLogger("luod")
 
@@ -331,6 +330,6 @@ def install_fd_guard(bus: MessageBus, agent: Agent1) -> None:
         reaches_us = msg.interface == INTERFACE and ours.get(msg.member) == msg.signature and msg.path == OBJECT_PATH
         if msg.unix_fds and not reaches_us:
             fds = list(msg.unix_fds)
-            loop.call_soon(_close_all, fds)
+            loop.call_soon(close_all, fds)
 
     bus.add_message_handler(handler)
