@@ -204,7 +204,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser = argparse.ArgumentParser(
         prog="liveupdatectl", description="Control kernel live updates (see liveupdatectl(1))."
     )
-    parser.add_argument("--json", choices=[m.value for m in JsonMode], default="off", nargs="?", const="pretty")
+    parser.add_argument("--json", choices=[m.value for m in JsonMode], default="off", help="pretty|short|off")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--config", action="append", default=[], help="luod configuration files to read")
     sub = parser.add_subparsers(dest="verb", required=True)
