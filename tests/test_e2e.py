@@ -7,6 +7,7 @@ cached (see tests/nspawn/README.md and packaging/README.md).
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,3 +67,31 @@ def test_agent_killed_before_the_kexec_loses_nothing(bed: LiveUpdateBed) -> None
     log = bed.kill_agent()
     assert "Recovered the agent's state from its fd store: 1 unit(s)" in log
     check(bed.live_update("liveupdatectl"), 1)
+
+
+@pytest.mark.parametrize("bed", ["trixie"], indirect=True)
+def test_varlinkctl_calls_the_fdless_methods(bed: LiveUpdateBed) -> None:
+    """systemd's own varlinkctl (255+) reads our interface description and calls methods that take no fds."""
+    sock = "/run/luod/liveupdate.sock"
+    bed.c.sh("systemctl start luo-demo-cache.service", check=True)
+    info = bed.c.sh(f"varlinkctl info {sock}", check=True).stdout
+    assert "io.liveupdate.Agent" in info
+    idl = bed.c.sh(f"varlinkctl introspect {sock} io.liveupdate.Agent", check=True).stdout
+    assert "method Store(" in idl and "error AccessDenied" in idl
+    status = json.loads(bed.c.sh(f"varlinkctl call {sock} io.liveupdate.Agent.Status '{{}}'", check=True).stdout)
+    assert status["phase"] == "idle" and status["backend"] == "emulator"
+    listed = json.loads(
+        bed.c.sh(
+            f"""varlinkctl call {sock} io.liveupdate.Agent.List '{{"unit": "luo-demo-cache.service"}}'""", check=True
+        ).stdout
+    )
+    assert [f["name"] for f in listed["fds"]] == ["cache"]
+    denied = bed.c.sh(f"""varlinkctl call {sock} io.liveupdate.Agent.Discard '{{"unit": "x.service"}}'""")
+    assert denied.returncode != 0 and "io.liveupdate.Agent.NotFound" in denied.stderr + denied.stdout
+
+
+def test_the_readme_demo_command() -> None:
+    """scripts/demo.sh, the README's main command, end to end (cached root file system and packages)."""
+    proc = subprocess.run([str(TOP / "scripts" / "demo.sh")], capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "result: PASS" in proc.stdout and "(identical)" in proc.stdout
