@@ -4,17 +4,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(python3-venv python3-dev pkg-config gcc dbus systemd-container debootstrap)
+apt_packages=(python3-venv python3-dev pkg-config gcc dbus debootstrap)
 
-# systemd-python compiles against libsystemd-dev; it must match the installed libsystemd0 exactly,
-# otherwise apt would upgrade the whole systemd stack of the host.
+# Packages built from the systemd source must match the installed systemd exactly, or apt upgrades the
+# host's whole systemd stack: libsystemd-dev (systemd-python compiles against it) and systemd-container
+# (systemd-nspawn, for the end-to-end tests).
 libsystemd_version=$(dpkg-query -W -f '${Version}' libsystemd0)
+systemd_version=$(dpkg-query -W -f '${Version}' systemd)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
 done
 [ "$(dpkg-query -W -f '${Version}' libsystemd-dev 2>/dev/null || true)" = "$libsystemd_version" ] ||
     missing+=("libsystemd-dev=$libsystemd_version")
+[ "$(dpkg-query -W -f '${Version}' systemd-container 2>/dev/null || true)" = "$systemd_version" ] ||
+    missing+=("systemd-container=$systemd_version")
 if [ ${#missing[@]} -gt 0 ]; then
     echo "bootstrap: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
