@@ -17,7 +17,6 @@ SESSION_NAME_MAX = LIVEUPDATE_SESSION_NAME_LENGTH - 1  # 63 bytes and the NUL
 
 MANIFEST_SESSION = "luod"  # the agent's own session; its token 0 is the manifest
 SESSION_PREFIX = "luod/"
-RESERVED_SESSION_NAMES = frozenset({"systemd", MANIFEST_SESSION})  # "systemd" belongs to systemd >= 261
 
 UNIT_TYPES = ("service", "socket", "scope", "target", "mount", "swap", "path", "timer", "slice", "device", "automount")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.(" + "|".join(UNIT_TYPES) + r")$")

@@ -9,7 +9,6 @@ import platform
 import stat
 
 TMPFS_MAGIC = 0x01021994
-HUGETLBFS_MAGIC = 0x958458F6
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -19,7 +18,6 @@ _SYSCALLS = {
     "aarch64": {"pidfd_open": 434, "pidfd_getfd": 438, "kexec_file_load": 294},
 }
 
-KEXEC_FILE_UNLOAD = 0x1
 KEXEC_FILE_NO_INITRAMFS = 0x4
 
 

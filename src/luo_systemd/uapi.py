@@ -88,11 +88,6 @@ ARG_STRUCT: dict[Ioctl, ArgStruct] = {
 }
 
 DEVICE_IOCTLS = frozenset({Ioctl.CREATE_SESSION, Ioctl.RETRIEVE_SESSION})
-SESSION_IOCTLS = frozenset(set(Ioctl) - DEVICE_IOCTLS)
-
-# Ioctls that return a new fd in the ``fd`` field, and the one that takes an fd in it.
-RETURNS_FD = frozenset({Ioctl.CREATE_SESSION, Ioctl.RETRIEVE_SESSION, Ioctl.SESSION_RETRIEVE_FD})
-TAKES_FD = Ioctl.SESSION_PRESERVE_FD
 
 # The target of ``readlink /proc/PID/fd/N`` for a session fd is "anon_inode:[luo_session] NAME".
 SESSION_LINK_PREFIX = "anon_inode:[luo_session]"
