@@ -28,25 +28,8 @@
 #include <time.h>
 #include <unistd.h>
 
-static double uptime(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_BOOTTIME, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void say(const char *fmt, ...)
-{
-	va_list ap;
-
-	printf("CONTRACTINIT: [%8.3f] ", uptime());
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	putchar('\n');
-	fflush(stdout);
-}
+#define SAY_PREFIX "CONTRACTINIT"
+#include "init-common.h"
 
 static void __attribute__((noreturn)) power_off(void)
 {
@@ -64,46 +47,6 @@ static void do_mount(const char *src, const char *dst, const char *type, const c
 		say("note: mount %s on %s failed: %s", type, dst, strerror(errno));
 }
 
-static int read_file(const char *path, char *buf, size_t len)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	ssize_t n;
-
-	if (fd < 0)
-		return -1;
-	n = read(fd, buf, len - 1);
-	close(fd);
-	if (n < 0)
-		return -1;
-	buf[n] = 0;
-	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
-		buf[--n] = 0;
-	return 0;
-}
-
-/* Value of `key=` in the command line, or NULL. */
-static const char *param(const char *cmdline, const char *key, char *out, size_t outlen)
-{
-	size_t klen = strlen(key);
-	const char *p = cmdline;
-
-	while (*p) {
-		while (*p == ' ')
-			p++;
-		if (!strncmp(p, key, klen) && p[klen] == '=') {
-			size_t i = 0;
-
-			p += klen + 1;
-			while (*p && *p != ' ' && i + 1 < outlen)
-				out[i++] = *p++;
-			out[i] = 0;
-			return out;
-		}
-		while (*p && *p != ' ')
-			p++;
-	}
-	return NULL;
-}
 
 /*
  * The KHO scratch areas (lowmem, global, one per node): kexec_file_load must place the next kernel

@@ -35,25 +35,8 @@
 
 static char test_name[128] = "";
 
-static double uptime(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_BOOTTIME, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void say(const char *fmt, ...)
-{
-	va_list ap;
-
-	printf("LUOINIT: [%8.3f] ", uptime());
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	putchar('\n');
-	fflush(stdout);
-}
+#define SAY_PREFIX "LUOINIT"
+#include "init-common.h"
 
 static void __attribute__((noreturn)) finish(int pass, const char *why)
 {
@@ -92,46 +75,6 @@ static void do_mount(const char *src, const char *dst, const char *type, int mus
 	}
 }
 
-static int read_file(const char *path, char *buf, size_t len)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	ssize_t n;
-
-	if (fd < 0)
-		return -1;
-	n = read(fd, buf, len - 1);
-	close(fd);
-	if (n < 0)
-		return -1;
-	buf[n] = 0;
-	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
-		buf[--n] = 0;
-	return 0;
-}
-
-/* Value of `key=` in the command line, or NULL. */
-static const char *param(const char *cmdline, const char *key, char *out, size_t outlen)
-{
-	size_t klen = strlen(key);
-	const char *p = cmdline;
-
-	while (*p) {
-		while (*p == ' ')
-			p++;
-		if (!strncmp(p, key, klen) && p[klen] == '=') {
-			size_t i = 0;
-
-			p += klen + 1;
-			while (*p && *p != ' ' && i + 1 < outlen)
-				out[i++] = *p++;
-			out[i] = 0;
-			return out;
-		}
-		while (*p && *p != ' ')
-			p++;
-	}
-	return NULL;
-}
 
 static int run_test(const char *path, const char *stage)
 {
