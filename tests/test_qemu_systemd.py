@@ -72,10 +72,6 @@ def test_live_update_bookworm() -> None:
     check_summary(run_systemd("bookworm"), native=False)
 
 
-@pytest.mark.skipif(
-    os.environ.get("LUO_QEMU_SID") != "1",
-    reason="skipped because LUO_QEMU_SID=1 is not set (the sid run adds ~3 minutes)",
-)
 def test_live_update_sid() -> None:
     """systemd 262: the demo through luod and a native fd-store service through systemd's own LUO support."""
     check_summary(run_systemd("sid"), native=True)
