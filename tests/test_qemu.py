@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,13 +18,28 @@ import pytest
 QEMU = Path(__file__).resolve().parent / "qemu"
 
 
+def qemu_installable() -> bool:
+    if shutil.which("qemu-system-x86_64"):
+        return True
+    try:  # build-kernel.sh installs it with apt when the archive has it
+        out = subprocess.run(
+            ["apt-cache", "policy", "qemu-system-x86"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return bool(re.search(r"Candidate: (?!\(none\))", out.stdout))
+
+
 def why_not() -> str:
+    """Why the qemu tier cannot run here ("" if it can)."""
     if platform.machine() != "x86_64":
         return f"the qemu tier is x86_64 only (this is {platform.machine()})"
     if os.geteuid() != 0:
-        return "building the kernel and the initrds needs root"
+        return "building the kernel and the images and running qemu needs root"
     if os.environ.get("LUO_SKIP_QEMU"):
         return "LUO_SKIP_QEMU is set"
+    if not qemu_installable():
+        return "qemu-system-x86_64 is neither installed nor installable with apt"
     return ""
 
 
