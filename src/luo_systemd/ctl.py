@@ -247,7 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:
         if opts.debug:
             traceback.print_exc()
-        print(f"liveupdatectl: {e.strerror or e}", file=sys.stderr)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"liveupdatectl: {e.strerror or e}{where}", file=sys.stderr)
         return ExitCode.FAILURE
 
 

@@ -490,15 +490,9 @@ def cmd_shutdown_hook(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    fds = [os.open(args.kernel, os.O_RDONLY | os.O_CLOEXEC)]
-    if args.initrd:
-        fds.append(os.open(args.initrd, os.O_RDONLY | os.O_CLOEXEC))
-    try:
-        payload = json.dumps({"cmdline": args.cmdline, "legacy": args.legacy}).encode()
-        _transport(args).control(EmuControl.LOAD_KERNEL, payload, fds)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    from luo_systemd.kexec import EmulatedLoader, KernelImage  # noqa: PLC0415 - only this verb needs it
+
+    EmulatedLoader(args.socket).load(KernelImage(args.kernel, args.initrd, args.cmdline), legacy=args.legacy)
     return 0
 
 
@@ -543,7 +537,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return int(args.func(args))
     except OSError as e:
-        print(f"luo-emu: {e.strerror or e}", file=sys.stderr)
+        print(f"luo-emu: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 1
 
 

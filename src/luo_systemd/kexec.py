@@ -6,16 +6,18 @@ The legacy kexec_load silently loses every session, and a kernel booted without 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import os
 import platform
+from collections.abc import Iterator
 from typing import Optional, Protocol
 
 from luo_systemd import syscalls
 from luo_systemd.config import Config
-from luo_systemd.errors import InvalidRequest, KernelError, NotFound
+from luo_systemd.errors import KernelError, NotFound
 from luo_systemd.liveupdate import EmuControl, EmulatorTransport
 
 LIVE_UPDATE_ARGS = ("kho=on", "liveupdate=on")
@@ -62,6 +64,21 @@ def default_image(append: str = "") -> KernelImage:
         return KernelImage(kernel, initrd, live_update_cmdline(f.read(), append))
 
 
+@contextlib.contextmanager
+def opened(image: KernelImage) -> Iterator[tuple[int, Optional[int]]]:
+    """The image's kernel and initrd as fds, the way kexec_file_load takes them."""
+    kernel = os.open(image.kernel, os.O_RDONLY | os.O_CLOEXEC)
+    initrd = None
+    try:
+        if image.initrd:
+            initrd = os.open(image.initrd, os.O_RDONLY | os.O_CLOEXEC)
+        yield kernel, initrd
+    finally:
+        os.close(kernel)
+        if initrd is not None:
+            os.close(initrd)
+
+
 class Loader(Protocol):
     def state(self) -> LoadedState: ...
 
@@ -77,11 +94,9 @@ class KernelLoader:
             return LoadedState(False, None)
 
     def load(self, image: KernelImage) -> None:
-        fds = [os.open(image.kernel, os.O_RDONLY | os.O_CLOEXEC)]
         try:
-            if image.initrd:
-                fds.append(os.open(image.initrd, os.O_RDONLY | os.O_CLOEXEC))
-            syscalls.kexec_file_load(fds[0], fds[1] if image.initrd else None, image.cmdline)
+            with opened(image) as (kernel, initrd):
+                syscalls.kexec_file_load(kernel, initrd, image.cmdline)
         except OSError as e:
             reasons = {
                 errno.EADDRNOTAVAIL: "kernel and initrd do not fit the KHO scratch area (see kho_scratch=)",
@@ -92,9 +107,6 @@ class KernelLoader:
             raise KernelError(
                 f"Failed to load {image.kernel}", e.errno or errno.EIO, reasons.get(e.errno or 0, e.strerror or "")
             ) from None
-        finally:
-            for fd in fds:
-                os.close(fd)
 
 
 class EmulatedLoader:
@@ -107,14 +119,11 @@ class EmulatedLoader:
         status = json.loads(self.transport.control(EmuControl.STATUS))
         return LoadedState(bool(status["kernel_loaded"]), status["kernel_cmdline"])
 
-    def load(self, image: KernelImage) -> None:
-        if not os.path.exists(image.kernel):
-            raise InvalidRequest(f"{image.kernel} does not exist")
-        fds = [os.open(image.kernel, os.O_RDONLY | os.O_CLOEXEC)]
-        try:
-            self.transport.control(EmuControl.LOAD_KERNEL, json.dumps({"cmdline": image.cmdline}).encode(), fds)
-        finally:
-            os.close(fds[0])
+    def load(self, image: KernelImage, legacy: bool = False) -> None:
+        """``legacy``: as if loaded with the old kexec_load, which loses all LUO state (for tests)."""
+        with opened(image) as (kernel, initrd):
+            payload = json.dumps({"cmdline": image.cmdline, "legacy": legacy}).encode()
+            self.transport.control(EmuControl.LOAD_KERNEL, payload, [kernel] if initrd is None else [kernel, initrd])
 
 
 def loader_for(cfg: Config) -> Loader:
