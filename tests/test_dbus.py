@@ -178,3 +178,13 @@ def test_full_socket_buffer_waits_instead_of_disconnecting() -> None:
     loop.close()
     ours.close()
     theirs.close()
+
+
+def test_preserve_outside_a_live_update_does_nothing(agent: Agent, client: AgentClient) -> None:
+    """The stop hook's call when no live update is under way (nor a kexec job queued): nothing is preserved."""
+    fd = memfd("cache", b"x")
+    run(client, client.store_fds([("cache", fd)], unit="demo.service"))
+    reply = run(client, client.call("Preserve", "s", ["demo.service"]))
+    assert isinstance(reply, Message) and reply.body == [0]
+    assert [f["state"] for f in run(client, client.list_fds(unit="demo.service"))] == ["stored"]  # type: ignore[attr-defined]
+    os.close(fd)

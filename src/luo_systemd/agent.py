@@ -149,17 +149,17 @@ async def run(cfg: config.Config) -> int:
     tasks: list[asyncio.Task[object]] = []
     from luo_systemd.varlink_service import VarlinkService  # noqa: PLC0415
 
+    watcher = KexecWatcher(broker, cfg.systemctl)
     bus = None
     if cfg.dbus:
         from luo_systemd.dbus_service import BUS_NAME, OBJECT_PATH, Agent1, AgentBus, install_fd_guard  # noqa: PLC0415
 
         bus = AgentBus()
         await bus.connect()
-        agent = Agent1(bus, broker, cgroup_root)
+        agent = Agent1(bus, broker, cgroup_root, watcher.before_preserve)
         install_fd_guard(bus, agent)
         bus.export(OBJECT_PATH, agent)
         await bus.request_name(BUS_NAME)
-    watcher = KexecWatcher(broker, cfg.systemctl)
     listener = activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
     tasks.append(asyncio.ensure_future(VarlinkService(broker, cgroup_root, watcher.before_preserve).serve(listener)))
 

@@ -21,7 +21,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import BusType, MessageType, PropertyAccess
@@ -125,6 +125,8 @@ def dbus_method(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         received = [fd for fd in _fds_in(args)]
         try:
             caller = await self.caller()
+            if fn.__name__ == "Preserve" and self.before_preserve is not None:
+                await self.before_preserve()
             return fn(self, caller, *args)
         except errors.LuoError as e:
             raise DBusError(e.dbus_name, e.message) from None
@@ -154,11 +156,18 @@ def _fds_in(args: Any) -> list[int]:
 
 
 class Agent1(ServiceInterface):
-    def __init__(self, bus: MessageBus, broker: Broker, cgroup_root: str) -> None:
+    def __init__(
+        self,
+        bus: MessageBus,
+        broker: Broker,
+        cgroup_root: str,
+        before_preserve: Optional[Callable[[], Awaitable[None]]] = None,
+    ) -> None:
         super().__init__(INTERFACE)
         self.bus = bus
         self.broker = broker
         self.cgroup_root = cgroup_root
+        self.before_preserve = before_preserve  # lets a kexec that systemd started arm the agent first
         self._credentials: dict[str, tuple[int, int]] = {}
         self._last_phase = broker.phase
         broker.listeners.append(self._broker_changed)
