@@ -8,14 +8,13 @@ it runs at every boot and every daemon-reload, before units load.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 import re
 import sys
 import sysconfig
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from luo_systemd.errors import LuoError
 from luo_systemd.policy import DROPIN, SECTION, FinishMode, parse_policy, read_unit_lines
@@ -42,8 +41,7 @@ FDSTORE_PRESERVE_SINCE = 254
 NATIVE_LUO_SINCE = 261
 
 
-@dataclasses.dataclass(frozen=True)
-class UnitFiles:
+class UnitFiles(NamedTuple):  # NamedTuples, not dataclasses: see policy.Policy
     """A unit's fragment and drop-ins, in the order systemd applies them."""
 
     name: str
@@ -51,8 +49,7 @@ class UnitFiles:
     texts: tuple[str, ...]  # fragment first, then drop-ins
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     files: dict[str, str]  # path relative to the output directory -> content
     problems: tuple[str, ...]  # for /dev/kmsg
 
