@@ -23,6 +23,7 @@ from luo_systemd.kexec import Loader, cmdline_problems, loader_for
 from luo_systemd.kexec_watch import KexecWatcher
 from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
 from luo_systemd.policy import DROPIN, Policy, parse_policy
+from luo_systemd.varlink_service import VarlinkService
 
 log = logging.getLogger("luod")
 
@@ -68,7 +69,7 @@ def listen_fds() -> dict[str, list[int]]:
     return out
 
 
-def policy_reader(policy_dir: str):  # type: ignore[no-untyped-def]
+def policy_reader(policy_dir: str) -> Callable[[str], Optional[Policy]]:
     """Reads a unit's [X-LiveUpdate] as the generator normalized it (a template's applies to instances)."""
 
     def policy_of(unit: str) -> Optional[Policy]:
@@ -134,9 +135,7 @@ async def run(cfg: config.Config) -> int:
         extra_checks=(kill_exemption_check, kexec_image_check(loader_for(cfg))),
     )
     kept = {key: fdl[0] for key, fdl in fds.items() if key.startswith("luod-")}
-    if broker.recover(kept):
-        pass
-    else:
+    if not broker.recover(kept):  # no fd store handed back: a fresh start, perhaps after a live update
         try:
             manifest = broker.restore()
         except LuoError as e:
@@ -147,8 +146,6 @@ async def run(cfg: config.Config) -> int:
 
     cgroup_root = cgroups.manager_root(cgroups.cgroup_path("self"))
     tasks: list[asyncio.Task[object]] = []
-    from luo_systemd.varlink_service import VarlinkService  # noqa: PLC0415
-
     watcher = KexecWatcher(broker, cfg.systemctl)
     bus = None
     if cfg.dbus:

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import socket
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from luo_systemd import errors
@@ -22,7 +23,7 @@ MAX_FDS = 253  # SCM_MAX_FD
 INTERFACE = "io.liveupdate.Agent"
 
 
-def send_message(sock: socket.socket, doc: dict[str, Any], fds: list[int] = ()) -> None:  # type: ignore[assignment]
+def send_message(sock: socket.socket, doc: dict[str, Any], fds: Sequence[int] = ()) -> None:
     data = json.dumps(doc, separators=(",", ":")).encode() + b"\0"
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     sent = sock.sendmsg([data], anc)
@@ -131,7 +132,7 @@ class Client:
         self,
         method: str,
         parameters: Optional[dict[str, Any]] = None,
-        fds: list[int] = (),  # type: ignore[assignment]
+        fds: Sequence[int] = (),
     ) -> tuple[dict[str, Any], list[int]]:
         """Calls ``method`` (without the interface prefix); returns the reply's parameters and its fds
         (owned by the caller).  Errors are raised as LuoError subclasses."""
