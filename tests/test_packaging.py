@@ -28,7 +28,7 @@ BUILD_DEB = PACKAGING / "build-deb.sh"
 OUT = TOP / "build" / "deb"
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 MAN_SOURCES = TOP / "docs" / "man"
-COMMANDS = ("luod", "liveupdatectl", "luo-hook", "luo-emu")
+COMMANDS = ("luod", "liveupdatectl", "luo-hook", "luo-emu", "luo-qemu")
 
 
 # -- what packaging/ keeps in step with the project (fast, no build)
@@ -170,6 +170,7 @@ def test_main_package_contents(debs: dict[str, Deb]) -> None:
         f"{unitdir}/luod.service",
         f"{unitdir}/luod.socket",
         f"{unitdir}/liveupdate.target",
+        f"{unitdir}/luo-qemu@.service",
         f"{generatordir}/luo-systemd-generator",
         "/usr/share/dbus-1/system.d/io.liveupdate.Agent1.conf",
         "/usr/share/dbus-1/system-services/io.liveupdate.Agent1.service",

@@ -23,6 +23,7 @@ from luo_systemd.kexec import Loader, cmdline_problems, loader_for
 from luo_systemd.kexec_watch import KexecWatcher
 from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
 from luo_systemd.policy import DROPIN, Policy, parse_policy
+from luo_systemd.service_manager import listen_fds
 from luo_systemd.varlink_service import VarlinkService
 
 log = logging.getLogger("luod")
@@ -51,22 +52,6 @@ def notify(message: str) -> None:
         from systemd import daemon  # noqa: PLC0415
 
         daemon.notify(message)
-
-
-def listen_fds() -> dict[str, list[int]]:
-    """fds passed by the service manager (socket activation and our fd store), by name."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return {}
-    count = int(os.environ.get("LISTEN_FDS", "0"))
-    fdnames = os.environ.get("LISTEN_FDNAMES", "").split(":")
-    out: dict[str, list[int]] = {}
-    for i in range(count):
-        fd = 3 + i
-        os.set_inheritable(fd, False)
-        out.setdefault(fdnames[i] if i < len(fdnames) else "unknown", []).append(fd)
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(var, None)
-    return out
 
 
 def policy_reader(policy_dir: str) -> Callable[[str], Optional[Policy]]:
@@ -121,6 +106,37 @@ def kexec_image_check(loader: Loader) -> Callable[[], list[Problem]]:
     return check
 
 
+MAX_INHIBITORS = 256
+MAX_REASON = 512
+
+
+def inhibitor_check(directory: str) -> Callable[[], list[Problem]]:
+    """Units that cannot be live-updated right now say why in DIRECTORY/UNIT (luo-qemu with a QEMU that has
+    no cpr-reboot): the pre-flight refuses with their reason, before anything stops."""
+
+    def check() -> list[Problem]:
+        try:
+            units = sorted(n for n in os.listdir(directory) if names.is_unit_name(n))[:MAX_INHIBITORS]
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            return [Problem("", f"cannot read the inhibitors in {directory}: {e.strerror}")]
+        problems = []
+        for unit in units:
+            try:
+                fd = os.open(os.path.join(directory, unit), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue  # removed meanwhile: the unit can be live-updated again
+            try:
+                reason = os.read(fd, MAX_REASON).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
+            problems.append(Problem(unit, reason or "cannot be live-updated right now"))
+        return problems
+
+    return check
+
+
 async def run(cfg: config.Config) -> int:
     fds = listen_fds()
     store: FdStore = SystemdFdStore() if os.environ.get("NOTIFY_SOCKET") else NoFdStore()
@@ -132,7 +148,7 @@ async def run(cfg: config.Config) -> int:
         policy_reader(cfg.policy_dir),
         store,
         BrokerConfig(max_fds_total=cfg.max_fds_total, busy_retries=cfg.busy_retries, env_dir=cfg.env_dir),
-        extra_checks=(kill_exemption_check, kexec_image_check(loader_for(cfg))),
+        extra_checks=(kill_exemption_check, kexec_image_check(loader_for(cfg)), inhibitor_check(cfg.inhibit_dir)),
     )
     kept = {key: fdl[0] for key, fdl in fds.items() if key.startswith("luod-")}
     if not broker.recover(kept):  # no fd store handed back: a fresh start, perhaps after a live update

@@ -32,6 +32,7 @@ class Config:
     busy_retries: int = 5
     dbus: bool = True  # serve io.liveupdate.Agent1 on the system bus
     systemctl: list[str] = dataclasses.field(default_factory=lambda: ["systemctl"])  # asks PID 1 about kexec jobs
+    inhibit_dir: str = "/run/luod/inhibit"  # UNIT files: why that unit cannot be live-updated now (pre-flight)
 
 
 def config_files(dirs: Iterable[str] = CONFIG_DIRS) -> list[str]:

@@ -221,6 +221,12 @@ class AgentUnavailable(LuoError):
     exit_code = ExitCode.NOT_SUPPORTED
 
 
+class VmmFailed(LuoError):
+    """luo-qemu: the virtual machine monitor refused or failed a step (its own words are in the message)."""
+
+    name = "VmmFailed"
+
+
 def all_error_classes() -> list[type[LuoError]]:
     """Every concrete error class, for interface descriptions and tests."""
     seen: list[type[LuoError]] = []

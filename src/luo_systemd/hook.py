@@ -18,7 +18,6 @@ import sys
 
 TYPE_CHECKING = False  # typing itself costs ~15 ms to import: too much for every unit start
 if TYPE_CHECKING:
-    import socket
     from collections.abc import Sequence
 
     from luo_systemd.varlink import Client
@@ -41,37 +40,10 @@ def client(timeout: float) -> Client:
     return Client(SOCKET, timeout=timeout)
 
 
-def notify_socket() -> socket.socket:
-    import socket  # noqa: PLC0415
-
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        raise OSError("$NOTIFY_SOCKET is not set: the unit needs NotifyAccess=exec (the generator sets it)")
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    sock.connect(addr)
-    return sock
-
-
 def push_to_fd_store(fds: Sequence[tuple[str, int]]) -> None:
-    """FDSTORE=1 for each fd under its name, then a barrier: our messages are processed before we exit (an
-    exited sender's messages may not be attributable to the unit any more)."""
-    import socket  # noqa: PLC0415
+    from luo_systemd.service_manager import notify  # noqa: PLC0415
 
-    with notify_socket() as sock:
-        for name, fd in fds:
-            socket.send_fds(sock, [f"FDSTORE=1\nFDNAME={name}\nFDPOLL=0".encode()], [fd])
-        r, w = os.pipe()
-        try:
-            socket.send_fds(sock, [b"BARRIER=1"], [w])
-            os.close(w)
-            w = -1
-            os.read(r, 1)  # EOF once the manager has processed everything before the barrier
-        finally:
-            os.close(r)
-            if w >= 0:
-                os.close(w)
+    notify([(f"FDSTORE=1\nFDNAME={name}\nFDPOLL=0", [fd]) for name, fd in fds])
 
 
 def stop(unit: str) -> str:

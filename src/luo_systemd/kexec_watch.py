@@ -19,6 +19,12 @@ log = logging.getLogger("luod")
 
 KEXEC_TARGET = "kexec.target"
 SYSTEMCTL_TIMEOUT_SEC = 5.0
+LIST_JOBS_ARGS = ("list-jobs", "--no-legend", "--plain", KEXEC_TARGET)  # after the systemctl argv
+
+
+def kexec_job_listed(list_jobs_output: str) -> bool:
+    """Whether ``systemctl list-jobs`` output shows a job of kexec.target (also read by luo-qemu)."""
+    return any(line.split()[1:2] == [KEXEC_TARGET] for line in list_jobs_output.splitlines())
 
 
 class KexecWatcher:
@@ -28,7 +34,7 @@ class KexecWatcher:
 
     async def kexec_pending(self) -> bool:
         """Whether kexec.target has a job (a kexec transaction is under way)."""
-        argv = [*self.systemctl, "list-jobs", "--no-legend", "--plain", KEXEC_TARGET]
+        argv = [*self.systemctl, *LIST_JOBS_ARGS]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
@@ -37,7 +43,7 @@ class KexecWatcher:
         except (OSError, asyncio.TimeoutError) as e:
             log.warning("Cannot ask systemd for a kexec job (%s): treating this stop as an ordinary one", e)
             return False
-        return any(line.split()[1:2] == [KEXEC_TARGET] for line in out.decode().splitlines())
+        return kexec_job_listed(out.decode())
 
     async def before_preserve(self) -> None:
         if not self.broker.armed and await self.kexec_pending():

@@ -80,14 +80,14 @@ def journal(c: harness.Container, *units: str, boot: str = "-1") -> str:
 class LiveUpdateBed:
     """A booted container with the packages and the demo installed, on an emulator of its own."""
 
-    def __init__(self, suite: str, debs: list[Path], workdir: Path) -> None:
+    def __init__(self, suite: str, debs: list[Path], workdir: Path, rootfs: Optional[Path] = None) -> None:
         self.suite = suite
         self.debs = debs
         emu_dir = workdir / "luo-emu"
         emu_dir.mkdir(parents=True, exist_ok=True)
         self.emulator = Emulator(emu_dir, name="liveupdate.sock")
         self.c = harness.Container(
-            harness.ensure_rootfs(suite, quiet=True),
+            rootfs or harness.ensure_rootfs(suite, quiet=True),
             workdir / "container",
             binds=[(str(emu_dir), "/run/luo-emu")],
             binds_ro=[(str(debs[0].parent), "/mnt/debs")],
