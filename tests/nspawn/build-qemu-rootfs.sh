@@ -52,10 +52,11 @@ log "installing $PACKAGES"
 # debootstrap copied the host's resolv.conf as a plain file; never write through a symlink to the host's.
 rm -f "$TMP/etc/resolv.conf"
 cp /etc/resolv.conf "$TMP/etc/resolv.conf"
-# A private mount namespace: /proc for apt and maintainer scripts, gone when the chroot ends.
+# A private mount namespace: /proc for apt and maintainer scripts, gone when the chroot ends.  The mirror may
+# be a snapshot older than sid's Release "Valid-Until" (a week): debootstrap does not check it either.
 if ! unshare --mount --propagation private sh -c '
         mount -t proc proc "$1/proc" &&
-        chroot "$1" apt-get -o DPkg::Lock::Timeout=600 update -q &&
+        chroot "$1" apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Check-Valid-Until=false update -q &&
         DEBIAN_FRONTEND=noninteractive chroot "$1" apt-get -o DPkg::Lock::Timeout=600 install -y -q \
             --no-install-recommends $2' sh "$TMP" "$PACKAGES" >"$TMP.log" 2>&1; then
     tail -n 30 "$TMP.log" >&2

@@ -228,6 +228,9 @@ def report(o: VmOutcome) -> str:
             f"    the VM's own share: save+quit {(s['exited'] - s['paused']) * ms:.0f} ms, "
             f"restore (launcher start -> guest running) {(r['running'] - r['started']) * ms:.0f} ms, "
             f"together {o.vm_share_sec * ms:.0f} ms",
+            f"      restore steps: memfds stored in luod and QEMU started {(r['qemu_spawned'] - r['started']) * ms:.0f}"
+            f" ms, QEMU up (QMP answers) {(r['qmp_ready'] - r['qemu_spawned']) * ms:.0f} ms, state loaded and "
+            f"guest running {(r['running'] - r['qmp_ready']) * ms:.0f} ms",
             f"    the host's: kexec request -> container down {o.container_down - o.kexec_requested:.2f}s, "
             f"QEMU gone -> launcher started in the new boot {r['started'] - s['exited']:.2f}s",
         ]
