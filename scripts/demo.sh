@@ -3,8 +3,17 @@
 # Sets up everything (scripts/bootstrap.sh), builds the project's Debian packages, a Debian root file system
 # (bookworm: systemd 252; SUITE=trixie or SUITE=sid for 257 or 262), boots it with systemd-nspawn, and runs
 # demo/luo-demo-cache through "liveupdatectl kexec" (see tests/nspawn/live_update.py).  Needs root.
+#
+# "scripts/demo.sh vm": the same for a virtual machine, luo-qemu@demo.service (QEMU, TCG, 128 MiB): the guest
+# keeps running across the live update (see tests/nspawn/vm_update.py); SUITE=trixie (default) or sid, as
+# bookworm's QEMU 7.2 cannot keep a guest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+    "") module=tests.nspawn.live_update suite=${SUITE:-bookworm} ;;
+    vm) module=tests.nspawn.vm_update suite=${SUITE:-trixie} ;;
+    *) echo "usage: $0 [vm]" >&2; exit 2 ;;
+esac
 scripts/bootstrap.sh
 mapfile -t debs < <(packaging/build-deb.sh)
-exec .venv/bin/python -m tests.nspawn.live_update --suite "${SUITE:-bookworm}" "${debs[@]}"
+exec .venv/bin/python -m "$module" --suite "$suite" "${debs[@]}"

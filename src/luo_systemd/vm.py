@@ -20,7 +20,6 @@ The launcher does not stay: READY=1 comes with MAINPID= of QEMU once the guest r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -29,9 +28,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
-from luo_systemd import config, varlink
+from luo_systemd import varlink
 from luo_systemd.errors import InvalidRequest, LuoError, VmmFailed
 from luo_systemd.qmp import Qmp
 from luo_systemd.service_manager import listen_fds, notify
@@ -58,18 +57,19 @@ MACHINE_RE = re.compile(r"^[a-z][a-z0-9_-]*-\d+\.\d+$")
 RESERVED_OPTIONS = ("-m", "-machine", "-M", "-mem-path", "-mem-prealloc", "-incoming", "-qmp", "-daemonize", "-name")
 RESERVED_VALUES = ("memory-backend-", "loader")
 MAX_MEMORY_MIB = 1 << 24  # 16 TiB
+DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
+DEFAULT_POWERDOWN_SEC = 30.0
 SAVE_TIMEOUT_SEC = 60.0
 START_TIMEOUT_SEC = 60.0
 
 
-@dataclasses.dataclass(frozen=True)
-class VmConfig:
+class VmConfig(NamedTuple):  # not a dataclass: importing dataclasses costs ~20 ms of the restore
     name: str
     machine: str  # versioned, e.g. pc-q35-10.0
     memory_mib: int
     args: tuple[str, ...] = ()  # everything else QEMU needs: drives, devices, serial, accel
-    qemu: str = "/usr/bin/qemu-system-x86_64"
-    powerdown_timeout_sec: float = 30.0  # an ordinary stop: ACPI power-down, then quit
+    qemu: str = DEFAULT_QEMU
+    powerdown_timeout_sec: float = DEFAULT_POWERDOWN_SEC  # an ordinary stop: ACPI power-down, then quit
 
     @property
     def memory_bytes(self) -> int:
@@ -86,7 +86,7 @@ def instance_of(unit: str) -> str:
 def parse_config(name: str, doc: dict[str, Any], origin: str = "") -> VmConfig:
     """The VM's settings from its TOML document; every mistake is an InvalidRequest naming the key."""
     where = origin or name
-    allowed = {f.name for f in dataclasses.fields(VmConfig)} - {"name"}
+    allowed = set(VmConfig._fields) - {"name"}
     unknown = sorted(set(doc) - allowed)
     if unknown:
         raise InvalidRequest(f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
@@ -110,10 +110,10 @@ def parse_config(name: str, doc: dict[str, Any], origin: str = "") -> VmConfig:
                 f"{where}: args may not add {args[i - 1]} {arg.split(',')[0]}: guest RAM is luo-qemu's memory "
                 "backend, and a loader would write into guest RAM before the restore"
             )
-    qemu = doc.get("qemu", VmConfig.qemu)
+    qemu = doc.get("qemu", DEFAULT_QEMU)
     if not isinstance(qemu, str) or not os.path.isabs(qemu):
         raise InvalidRequest(f"{where}: qemu must be an absolute path")
-    timeout = doc.get("powerdown_timeout_sec", VmConfig.powerdown_timeout_sec)
+    timeout = doc.get("powerdown_timeout_sec", DEFAULT_POWERDOWN_SEC)
     if type(timeout) not in (int, float) or not 0 <= timeout <= 3600:
         raise InvalidRequest(f"{where}: powerdown_timeout_sec must be a number of seconds from 0 to 3600")
     return VmConfig(name, machine, memory, tuple(args), qemu, float(timeout))
@@ -186,6 +186,8 @@ def luod_socket() -> str:
 
 
 def inhibitor_path(unit: str) -> str:
+    from luo_systemd import config  # noqa: PLC0415 - not on the restore path
+
     return os.path.join(config.load(config.config_files()).inhibit_dir, unit)
 
 
@@ -253,6 +255,16 @@ def restorable(cfg: VmConfig, ram: int, saved: int) -> bool:
     return True
 
 
+def process_start_time() -> float:
+    """When this process was started (wall clock, 10 ms resolution): the restore figures include the
+    interpreter's start."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rpartition(")")[2].split()[19])
+    with open("/proc/stat") as f:
+        btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def start(unit: str) -> str:
     t_start = time.time()
     name = instance_of(unit)
@@ -295,6 +307,7 @@ def start(unit: str) -> str:
                 name,
                 "restore",
                 {
+                    "process_started": process_start_time(),
                     "started": t_start,
                     "qemu_spawned": t_spawned,
                     "qmp_ready": t_qmp,
