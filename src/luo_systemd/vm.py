@@ -257,12 +257,12 @@ def restorable(cfg: VmConfig, ram: int, saved: int) -> bool:
 
 def process_start_time() -> float:
     """When this process was started (wall clock, 10 ms resolution): the restore figures include the
-    interpreter's start."""
+    interpreter's start.  /proc's start time counts from boot (CLOCK_BOOTTIME), so it is turned into an age
+    first: the wall clock may have been stepped since boot."""
     with open("/proc/self/stat") as f:
         ticks = int(f.read().rpartition(")")[2].split()[19])
-    with open("/proc/stat") as f:
-        btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    return btime + ticks / os.sysconf("SC_CLK_TCK")
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
 
 
 def start(unit: str) -> str:
