@@ -200,12 +200,17 @@ def report(o: Outcome) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--suite", default="bookworm", choices=harness.SUITES)
+def demo_arguments(doc: Optional[str], default_suite: str, argv: Optional[list[str]]) -> argparse.Namespace:
+    """--suite, --trigger and the .debs, for this demo and the VM's (vm_update.py)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--suite", default=default_suite, choices=harness.SUITES)
     parser.add_argument("--trigger", default="liveupdatectl", choices=["liveupdatectl", "kexec.target"])
     parser.add_argument("debs", nargs="+", type=Path)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = demo_arguments(__doc__, "bookworm", argv)
     with tempfile.TemporaryDirectory(prefix="luo-demo-") as tmp:
         outcome = run(args.suite, [d.resolve() for d in args.debs], Path(tmp), args.trigger)
     print(report(outcome))

@@ -15,7 +15,6 @@ demo/vm/luo-vm-probe reads them over QMP.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tests.nspawn import harness
-from tests.nspawn.live_update import GUEST_KERNEL, LiveUpdateBed, journal
+from tests.nspawn.live_update import GUEST_KERNEL, LiveUpdateBed, demo_arguments, journal
 
 TOP = Path(__file__).resolve().parent.parent.parent
 VM_DEMO = TOP / "demo" / "vm"
@@ -245,11 +244,7 @@ def report(o: VmOutcome) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--suite", default="trixie", choices=harness.SUITES)
-    parser.add_argument("--trigger", default="liveupdatectl", choices=["liveupdatectl", "kexec.target"])
-    parser.add_argument("debs", nargs="+", type=Path)
-    args = parser.parse_args(argv)
+    args = demo_arguments(__doc__, "trixie", argv)
     with (
         tempfile.TemporaryDirectory(prefix="luo-vm-demo-") as tmp,
         VmBed(args.suite, [d.resolve() for d in args.debs], Path(tmp)) as bed,
