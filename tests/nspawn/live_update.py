@@ -80,6 +80,8 @@ def journal(c: harness.Container, *units: str, boot: str = "-1") -> str:
 class LiveUpdateBed:
     """A booted container with the packages and the demo installed, on an emulator of its own."""
 
+    journal_units: tuple[str, ...] = ("luod.service", "luo-demo-cache.service")  # shown when a test fails
+
     def __init__(self, suite: str, debs: list[Path], workdir: Path, rootfs: Optional[Path] = None) -> None:
         self.suite = suite
         self.debs = debs
@@ -105,7 +107,7 @@ class LiveUpdateBed:
 
     def __exit__(self, *exc: object) -> None:
         if exc and exc[0] is not None and self.c.running:
-            print(journal(self.c, "luod.service", "luo-demo-cache.service", boot="0"), file=sys.stderr)
+            print(journal(self.c, *self.journal_units, boot="0"), file=sys.stderr)
         if self.c.running:
             self.c.poweroff()
             self.c.wait_exit(timeout=60)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tests.nspawn import harness
-from tests.nspawn.live_update import GUEST_KERNEL, LiveUpdateBed, demo_arguments, journal
+from tests.nspawn.live_update import GUEST_KERNEL, LiveUpdateBed, demo_arguments
 
 TOP = Path(__file__).resolve().parent.parent.parent
 VM_DEMO = TOP / "demo" / "vm"
@@ -124,6 +124,8 @@ class VmOutcome:
 class VmBed(LiveUpdateBed):
     """A booted container with QEMU, the packages, and luo-qemu@demo.service running the demo guest."""
 
+    journal_units = ("luod.service", UNIT)
+
     def __init__(self, suite: str, debs: list[Path], workdir: Path) -> None:
         super().__init__(suite, debs, workdir, rootfs=qemu_rootfs(suite))
         self.image = guest_image(workdir)
@@ -142,11 +144,6 @@ class VmBed(LiveUpdateBed):
             self.__exit__()
             raise
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        if exc and exc[0] is not None and self.c.running:
-            print(journal(self.c, "luod.service", UNIT, boot="0"), file=sys.stderr)
-        super().__exit__(*exc)
 
     def probe(self) -> dict[str, Any]:
         proc = self.c.sh(f"luo-vm-probe {VM}", timeout=120)
