@@ -43,6 +43,15 @@ def test_live_update_bookworm() -> None:
     check_summary(run_systemd("bookworm"), native=False)
 
 
+def test_a_vm_carries_on_across_real_kexecs_sid() -> None:
+    """systemd 262 with QEMU: luo-qemu@demo.service's guest (nested TCG) keeps running across both kexecs."""
+    out = run_systemd("sid-qemu")
+    check_summary(out, native=True)
+    rows = re.findall(r"VM guest: boot id (\S+) -> (\S+), .*, 16 MiB sha256 (\S+)", out)
+    assert len(rows) == 2 and all(b == a and s == "identical" for b, a, s in rows), out
+    assert len(re.findall(r"VM: RAM 134217728 bytes kept", out)) == 2, out
+
+
 def test_live_update_sid() -> None:
     """systemd 262: the demo through luod and a native fd-store service through systemd's own LUO support."""
     check_summary(run_systemd("sid"), native=True)

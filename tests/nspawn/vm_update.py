@@ -32,8 +32,7 @@ TOP = Path(__file__).resolve().parent.parent.parent
 VM_DEMO = TOP / "demo" / "vm"
 VM = "demo"
 UNIT = f"luo-qemu@{VM}.service"
-MEMORY_MIB = 128
-SERIAL = f"/var/log/luo-qemu-{VM}.serial"
+SERIAL = f"/var/log/luo-qemu-{VM}.serial"  # as in demo/vm/demo.toml
 
 
 def qemu_rootfs(suite: str) -> Path:
@@ -49,16 +48,7 @@ def guest_image(directory: Path) -> Path:
 
 
 def vm_config(machine: str) -> str:
-    return f"""# luo-qemu(8): the demo guest (demo/vm/guest.S), TCG, no devices but a disk and a serial port.
-machine = "{machine}"
-memory_mib = {MEMORY_MIB}
-powerdown_timeout_sec = 1
-args = [
-    "-accel", "tcg", "-nodefaults", "-display", "none",
-    "-drive", "file=/var/lib/luo-qemu/{VM}.img,format=raw,if=ide",
-    "-chardev", "file,id=serial0,path={SERIAL},append=on", "-serial", "chardev:serial0",
-]
-"""
+    return (VM_DEMO / "demo.toml").read_text().replace("@MACHINE@", machine)
 
 
 def versioned_q35(c: harness.Container) -> str:

@@ -5,7 +5,9 @@
 # luo-systemd .deb installed with dpkg in a chroot (never the emulator package: this guest has a real
 # /dev/liveupdate), the demo service (demo/luo-demo-cache) and the test driver (guest/luotest) enabled,
 # /boot/bzImage = the test kernel (for the in-guest kexec), then mkfs.ext4 -d (no loop mount).
-# SUITE sid (systemd >= 261) also gets guest/luo-native-cache.service, checked by the driver.
+# SUITE sid (systemd >= 261) also gets guest/luo-native-cache.service, checked by the driver.  A tree with
+# QEMU (SUITE sid-qemu: tests/nspawn/build-qemu-rootfs.sh) also gets luo-qemu@demo.service with the demo
+# guest (demo/vm), which the driver checks across the kexecs too.
 #
 # Cache: $LUO_CACHE/qemu-systemd/images/SUITE-<key>.img, key = sha256 of the tree's stamp, the kernel, the
 # .deb, the guest files, the demo and this script.  Older images of the same suite are deleted.
@@ -38,12 +40,15 @@ case $(basename "$DEB") in luo-systemd-emulator_*) die "refusing the emulator pa
 NATIVE=0
 sdmajor=$(sed -n 's/^systemd=\([0-9]*\).*/\1/p' "$ROOTFS/.luo-rootfs-info")
 ((sdmajor >= 261)) && NATIVE=1
+VM=0
+[[ -x $ROOTFS/usr/bin/qemu-system-x86_64 ]] && VM=1
 
 KEY=$( {
     echo "suite=$SUITE size=$SIZE demo_mb=$DEMO_MB native=$NATIVE"
     cat "$ROOTFS/.luo-rootfs-stamp"
     sha256sum "$BZ" "$DEB" | cut -d' ' -f1
     cat "$0" "$GUEST"/* "$REPO/demo/luo-demo-cache" "$REPO/demo/luo-demo-cache.service"
+    if ((VM)); then cat "$REPO"/demo/vm/*; fi
 } | sha256sum | cut -c1-16)
 DIR=$CACHE/qemu-systemd/images
 IMG=$DIR/$SUITE-$KEY.img
@@ -81,7 +86,19 @@ if ((NATIVE)); then
     install -D -m 0644 "$GUEST/luo-native-cache.service" "$R/etc/systemd/system/luo-native-cache.service"
     units+=" luo-native-cache.service"
 fi
-printf '{"suite": "%s", "native": %s}\n' "$SUITE" "$([[ $NATIVE == 1 ]] && echo true || echo false)" > "$R/etc/luotest.json"
+vmcfg=""
+if ((VM)); then
+    "$REPO/demo/vm/build-guest.sh" "$STAGE/guest.img"
+    install -D -m 0644 "$STAGE/guest.img" "$R/var/lib/luo-qemu/demo.img"
+    install -D -m 0755 "$REPO/demo/vm/luo-vm-probe" "$R/usr/local/bin/luo-vm-probe"
+    machine=$(chroot "$R" qemu-system-x86_64 -machine help | sed -n 's/^q35 .*(alias of \(pc-q35-[0-9.]*\)).*/\1/p')
+    [[ -n $machine ]] || die "no versioned q35 machine type in the tree's QEMU"
+    install -d "$R/etc/luo-qemu"
+    sed "s/@MACHINE@/$machine/" "$REPO/demo/vm/demo.toml" > "$R/etc/luo-qemu/demo.toml"
+    units+=" luo-qemu@demo.service"
+    vmcfg=', "vm": "demo"'
+fi
+printf '{"suite": "%s", "native": %s%s}\n' "$SUITE" "$([[ $NATIVE == 1 ]] && echo true || echo false)" "$vmcfg" > "$R/etc/luotest.json"
 printf '/dev/vda / ext4 rw,errors=remount-ro 0 0\n' > "$R/etc/fstab"
 echo "luo-qemu-$SUITE" > "$R/etc/hostname"
 

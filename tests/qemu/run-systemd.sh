@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# run-systemd.sh [bookworm|sid] — a real live update under systemd as PID 1, in qemu (TCG).
+# run-systemd.sh [bookworm|sid|sid-qemu] — a real live update under systemd as PID 1, in qemu (TCG).
 #
 # The test kernel (build-kernel.sh, cached) boots a Debian disk image (build-image.sh, cached: the nspawn
 # tier's debootstrap tree + the project's luo-systemd .deb + the demo + the in-guest driver guest/luotest)
@@ -9,6 +9,7 @@
 #           kexec -s -l /boot/bzImage --reuse-cmdline; systemctl kexec           -> real kexec
 #   boot 3: restored again (count 2); verdict; reboot, and qemu (-no-reboot) exits.
 # sid (systemd >= 261) adds luo-native-cache.service, whose fd store systemd itself carries through LUO.
+# sid-qemu adds QEMU and luo-qemu@demo.service: a guest (nested TCG) that keeps running across both kexecs.
 # Pass/fail and the blackout come from the serial log (systemd_verdict.py); the exit status is 0 iff PASS.
 #
 # Env: LUO_CACHE (default /var/cache/luo-systemd), LUO_QEMU_TIMEOUT (whole run, default 900 s),
@@ -31,7 +32,7 @@ die() { echo "run-systemd: ERROR: $*" >&2; exit 1; }
 now() { date +%s.%N; }
 since() { printf '%.1f' "$(echo "$(now) - $1" | bc)"; }
 
-case $SUITE in bookworm | sid) ;; *) die "usage: run-systemd.sh [bookworm|sid]" ;; esac
+case $SUITE in bookworm | sid | sid-qemu) ;; *) die "usage: run-systemd.sh [bookworm|sid|sid-qemu]" ;; esac
 [[ $(id -u) == 0 ]] || die "must run as root"
 [[ $(uname -m) == x86_64 ]] || die "x86_64 hosts only"
 
@@ -41,7 +42,11 @@ BZ=$("$HERE/build-kernel.sh" ${LUO_KERNEL_FRAGMENT:+"$LUO_KERNEL_FRAGMENT"} | ta
 [[ -f $BZ ]] || die "build-kernel.sh did not yield a bzImage (got '$BZ')"
 T_KERNEL=$(since "$t")
 t=$(now)
-"$REPO/tests/nspawn/build-rootfs.sh" "$SUITE" >&2
+if [[ $SUITE == *-qemu ]]; then
+    "$REPO/tests/nspawn/build-qemu-rootfs.sh" "${SUITE%-qemu}" >&2
+else
+    "$REPO/tests/nspawn/build-rootfs.sh" "$SUITE" >&2
+fi
 T_ROOTFS=$(since "$t")
 t=$(now)
 DEBS=$("$REPO/packaging/build-deb.sh" "$CACHE/qemu-systemd/deb")

@@ -170,6 +170,22 @@ def main() -> int:
                 f"{fmt(fnum(restore_evt.get('ready_uptime')))}"
             )
             blackout_rows.append((n, trig, label, host, rtc, guest))
+        vm_b, vm_a = (evs("vm-before", n) or [{}])[0], (evs("vm-after", n + 1) or [{}])[0]
+        vm_f = (evs("vm-figures", n + 1) or [{}])[0]
+        if vm_b and vm_a:
+            out.append(
+                f"    VM guest: boot id {vm_b.get('boot_id')} -> {vm_a.get('boot_id')}, "
+                f"uptime {vm_b.get('uptime_sec')}s -> {vm_a.get('uptime_sec')}s, "
+                f"counter {vm_b.get('counter')} -> {vm_a.get('counter')}, 16 MiB sha256 "
+                f"{'identical' if vm_b.get('region_sha256') == vm_a.get('region_sha256') else 'DIFFERENT'}"
+            )
+        if vm_f:
+            out.append(
+                f"    VM: RAM {vm_f.get('ram_bytes')} bytes kept, state {vm_f.get('state_bytes')} bytes; pause "
+                f"{fmt(fnum(vm_f.get('vm_pause')))}; save+quit {fmt(fnum(vm_f.get('save_quit')))}, restore "
+                f"{fmt(fnum(vm_f.get('restore')))} (Python {fmt(fnum(vm_f.get('python')))}, QEMU up "
+                f"{fmt(fnum(vm_f.get('qemu_up')))}, state load {fmt(fnum(vm_f.get('load')))})"
+            )
         if new_boot:
             out.append(
                 f"    boot {n + 1}: driver running at guest uptime {new_boot.get('uptime')}s, "
