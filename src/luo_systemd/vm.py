@@ -282,15 +282,16 @@ def start(unit: str) -> str:
     state = new_memfd(f"{STATE}:{name}", 0)  # a fresh one for the next save (a restored one may be frozen)
     save_fd = reopen(state, os.O_WRONLY)
     load_fd = reopen(saved, os.O_RDONLY) if resume else -1
+    sock = qmp_path(name)
+    argv = qemu_argv(cfg, ram, save_fd, load_fd if resume else None, sock)
+    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=[fd for fd in (ram, save_fd, load_fd) if fd >= 0])
+    t_spawned = time.time()
+    # While QEMU starts (should this fail, the unit fails and systemd stops QEMU with it):
     with varlink.Client(luod_socket(), timeout=30) as luod:
         luod.call("Store", {"names": [RAM, STATE]}, [ram, state])
     # The restored fds are in the unit's fd store, where a later restart would find them again: only this
     # start may use them.
     notify([(f"FDSTOREREMOVE=1\nFDNAME={n}", []) for n in (RAM, STATE)])
-    sock = qmp_path(name)
-    argv = qemu_argv(cfg, ram, save_fd, load_fd if resume else None, sock)
-    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=[fd for fd in (ram, save_fd, load_fd) if fd >= 0])
-    t_spawned = time.time()
     with Qmp.connect(sock, START_TIMEOUT_SEC, alive=lambda: qemu.poll() is None) as qmp:
         t_qmp = time.time()
         version = qmp.command("query-version")

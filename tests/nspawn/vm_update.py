@@ -218,8 +218,9 @@ def report(o: VmOutcome) -> str:
             f"restore (launcher process start -> guest running) {(r['running'] - r['process_started']) * ms:.0f} ms, "
             f"together {o.vm_share_sec * ms:.0f} ms",
             f"      restore steps: Python and imports {(r['started'] - r['process_started']) * ms:.0f} ms, "
-            f"memfds stored in luod and QEMU started {(r['qemu_spawned'] - r['started']) * ms:.0f} ms, "
-            f"QEMU up (QMP answers) {(r['qmp_ready'] - r['qemu_spawned']) * ms:.0f} ms, "
+            f"QEMU started {(r['qemu_spawned'] - r['started']) * ms:.0f} ms, "
+            f"QEMU up (QMP answers; memfds stored in luod meanwhile) "
+            f"{(r['qmp_ready'] - r['qemu_spawned']) * ms:.0f} ms, "
             f"state loaded and guest running {(r['running'] - r['qmp_ready']) * ms:.0f} ms",
             f"    the host's: kexec request -> container down {o.container_down - o.kexec_requested:.2f}s, "
             f"QEMU gone -> launcher started in the new boot {r['process_started'] - s['exited']:.2f}s",
