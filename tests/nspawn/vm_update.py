@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tests.nspawn import harness
-from tests.nspawn.live_update import GUEST_KERNEL, LiveUpdateBed, demo_arguments
+from tests.nspawn.live_update import GUEST_KERNEL, LiveUpdateBed, demo_arguments, journal
 
 TOP = Path(__file__).resolve().parent.parent.parent
 VM_DEMO = TOP / "demo" / "vm"
@@ -238,6 +238,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         VmBed(args.suite, [d.resolve() for d in args.debs], Path(tmp)) as bed,
     ):
         outcome = bed.vm_update(args.trigger)
+        if not outcome.ok:  # what the VM and luod said, in both boots
+            for boot in ("-1", "0"):
+                print(journal(bed.c, *bed.journal_units, boot=boot), file=sys.stderr)
     print(report(outcome))
     return 0 if outcome.ok else 1
 
