@@ -91,6 +91,7 @@ def test_inhibitors_make_the_preflight_refuse(tmp_path: Path) -> None:
     (tmp_path / "inhibit" / "not a unit").write_text("ignored")
     (tmp_path / "inhibit" / "big.service").write_bytes(b"x" * 100_000)
     os.symlink("/etc/passwd", tmp_path / "inhibit" / "link.service")
+    os.mkfifo(tmp_path / "inhibit" / "fifo.service")
     problems = check()
     assert [(p.unit, p.message) for p in problems] == [
         ("big.service", "x" * agent.MAX_REASON),

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from typing import Callable, Optional
 
@@ -128,7 +129,11 @@ def inhibitor_check(directory: str) -> Callable[[], list[Problem]]:
             except OSError:
                 continue  # removed meanwhile: the unit can be live-updated again
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue  # only root writes here; still, a FIFO or a device is not a reason
                 reason = os.read(fd, MAX_REASON).decode(errors="replace").strip()
+            except OSError:
+                continue
             finally:
                 os.close(fd)
             problems.append(Problem(unit, reason or "cannot be live-updated right now"))
