@@ -117,20 +117,27 @@ class LiveUpdateBed:
     def luod_status(self) -> dict[str, Any]:
         return dict(json.loads(self.c.sh("liveupdatectl --json=short status", check=True).stdout))
 
+    def kexec(self, trigger: str, timeout: float = 120.0) -> float:
+        """Starts a kexec (liveupdatectl, or kexec.target as systemctl kexec does) and waits until the
+        container has gone down by it; returns when that was."""
+        c = self.c
+        if trigger == "liveupdatectl":
+            c.sh(f"liveupdatectl kexec --kernel {GUEST_KERNEL}", check=True, timeout=120)
+        else:  # systemd's own kexec, without liveupdatectl's pre-flight (a kernel is loaded first)
+            c.sh(f"luo-emu load {GUEST_KERNEL} --cmdline 'kho=on liveupdate=on'", check=True)
+            c.start_kexec()
+        code = c.wait_exit(timeout=timeout)
+        if code != 0 or c.shutdown_kind() not in (None, "kexec"):
+            raise harness.HarnessError(f"the container went down with {code} ({c.shutdown_kind()})")
+        return time.time()
+
     def live_update(self, trigger: str = "liveupdatectl") -> Outcome:
         c = self.c
         demo_status(c)
         time.sleep(0.3)  # let the counter move, so that carrying on is visible
         before = dict(json.loads(c.read_file("/run/luo-demo/status.json")))
         start = time.time()
-        if trigger == "liveupdatectl":
-            c.sh(f"liveupdatectl kexec --kernel {GUEST_KERNEL}", check=True, timeout=120)
-        else:  # systemd's own kexec, without liveupdatectl's pre-flight (a kernel is loaded first)
-            c.sh(f"luo-emu load {GUEST_KERNEL} --cmdline 'kho=on liveupdate=on'", check=True)
-            c.start_kexec()
-        code = c.wait_exit(timeout=120)
-        if code != 0 or c.shutdown_kind() not in (None, "kexec"):
-            raise harness.HarnessError(f"the container went down with {code} ({c.shutdown_kind()})")
+        self.kexec(trigger)
         carried = self.emulator.status()
         c.boot()
         c.wait_running()

@@ -150,15 +150,7 @@ class VmBed(LiveUpdateBed):
         time.sleep(1.0)  # let the counter and the uptime move, so that carrying on is visible
         before = self.probe()
         start = time.time()
-        if trigger == "liveupdatectl":
-            c.sh(f"liveupdatectl kexec --kernel {GUEST_KERNEL}", check=True, timeout=120)
-        else:  # systemd's own kexec, without liveupdatectl's pre-flight (a kernel is loaded first)
-            c.sh(f"luo-emu load {GUEST_KERNEL} --cmdline 'kho=on liveupdate=on'", check=True)
-            c.start_kexec()
-        code = c.wait_exit(timeout=180)
-        down = time.time()
-        if code != 0 or c.shutdown_kind() not in (None, "kexec"):
-            raise harness.HarnessError(f"the container went down with {code} ({c.shutdown_kind()})")
+        down = self.kexec(trigger, timeout=180)
         c.boot()
         c.wait_running(timeout=120)
         c.sh(f"systemctl start {UNIT}", check=True, timeout=120)
