@@ -188,10 +188,12 @@ def python_path() -> str:
 
 class NotifySink:
     """Receives luod's sd_notify messages (READY=1, STATUS=, FDSTORE=1 with fds): the part of a service
-    manager the agent talks to when no real one runs.  Received fds are closed; messages are kept."""
+    manager the agent talks to when no real one runs.  Messages are kept; fds are closed, unless a
+    ``fdstore`` is given: then it keeps them by FDNAME= and honours FDSTOREREMOVE=1, as systemd does."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fdstore: Optional[dict[str, int]] = None) -> None:
         self.path = path
+        self.fdstore = fdstore
         if path.exists():
             path.unlink()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -207,6 +209,15 @@ class NotifySink:
                 data, fds, _, _ = socket.recv_fds(self.sock, 4096, 16)
             except OSError:
                 return
+            if not data and not fds:  # shut down, and every queued message handled
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
+            if self.fdstore is not None and fields.get("FDSTORE") == "1" and len(fds) == 1:
+                self.fdstore[fields["FDNAME"]] = fds.pop()
+            if self.fdstore is not None and fields.get("FDSTOREREMOVE") == "1":
+                old = self.fdstore.pop(fields["FDNAME"], None)
+                if old is not None:
+                    os.close(old)
             for fd in fds:
                 os.close(fd)
             self.messages.append(data.decode())
@@ -214,9 +225,28 @@ class NotifySink:
                 self.ready.set()
 
     def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+        """Ends after the messages already sent (a killed luod's last ones too) are handled."""
+        self.sock.setblocking(False)
+        self.sock.shutdown(socket.SHUT_RD)
         self.thread.join(5)
+        self.sock.close()
+
+
+LISTEN_FDS_LAUNCHER = """
+import os, sys
+fds = [int(fd) for fd in sys.argv[1].split(",")]
+high = [os.dup(fd) for fd in fds]
+for fd in fds:
+    os.close(fd)
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+    os.set_inheritable(3 + i, True)  # dup2 onto itself keeps the dup's close-on-exec
+for fd in high:
+    if fd >= 3 + len(fds):
+        os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
 
 class Agent:
@@ -247,15 +277,17 @@ class Agent:
         )
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.log = directory / "luod.log"
+        self.fdstore: Optional[dict[str, int]] = None  # a dict: luod's fd store is kept and handed back
+        self.env: dict[str, str] = {}  # extra environment for luod
 
     def opt_in(self, unit: str, section: str = POLICY) -> None:
         d = self.policy_dir / f"{unit}.d"
         d.mkdir(parents=True, exist_ok=True)
         (d / "50-liveupdate.conf").write_text(section)
 
-    def start(self) -> None:
-        self.notify = NotifySink(self.dir / "notify.sock")
-        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify.path), SYSTEMD_LOG_LEVEL="debug")
+    def start(self, wait: bool = True) -> None:
+        self.notify = NotifySink(self.dir / "notify.sock", self.fdstore)
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify.path), SYSTEMD_LOG_LEVEL="debug", **self.env)
         env.pop("INVOCATION_ID", None)
         if self.bus:
             env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus.address
@@ -263,9 +295,17 @@ class Agent:
         # cannot find its venv from such an argv[0]; the package installs into the system's site dir.
         env["PYTHONPATH"] = python_path()
         luod = ["bash", "-c", 'exec -a @luod "$@"', "bash", sys.executable, "-m", "luo_systemd.agent"]
+        # RLIMIT_NOFILE as systemd gives a service without LimitNOFILE=: a soft limit of 1024.
+        luod = ["prlimit", "--nofile=1024:", *luod]
+        kept = sorted(self.fdstore.items()) if self.fdstore else []
+        if kept:  # handed back as systemd does: fds 3.. with LISTEN_FDNAMES, LISTEN_PID of luod itself
+            env["LISTEN_FDNAMES"] = ":".join(k for k, _ in kept)
+            luod = [sys.executable, "-c", LISTEN_FDS_LAUNCHER, ",".join(str(fd) for _, fd in kept), *luod]
         argv = self.tree.argv("luod.service", [*luod, "--config", str(self.config)])
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, pass_fds=[fd for _, fd in kept])
+        if not wait:
+            return
         if not self.notify.ready.wait(READY_TIMEOUT):
             self.proc.kill()
             raise RuntimeError(f"luod did not become ready; log:\n{self.log.read_text()}")
@@ -277,8 +317,18 @@ class Agent:
             self.proc = None
             self.notify.close()
 
+    def wait_dead(self) -> int:
+        """luod ended by itself (a crash test's SIGKILL): its exit status."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout=READY_TIMEOUT)
+        self.proc = None
+        self.notify.close()
+        return code
+
     def cleanup(self) -> None:
         self.stop()
+        for fd in (self.fdstore or {}).values():
+            os.close(fd)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def call(

@@ -44,7 +44,7 @@ def test_store_preserve_kexec_restore_finish(agent: Agent, emulator: Emulator) -
 
     status, _ = agent.call("Status")
     assert status["phase"] == "restored" and status["live_update_count"] == 1
-    env = (agent.env_dir / "demo.service.env").read_text()
+    env = (agent.env_dir / "demo.service").read_text()
     assert "LIVEUPDATE_RESTORED=1" in env and "LIVEUPDATE_COUNT=1" in env
     reply, fds = agent.call("Retrieve", {"unit": "demo.service"})
     assert reply == {"names": ["cache"]} and len(fds) == 1
@@ -52,7 +52,7 @@ def test_store_preserve_kexec_restore_finish(agent: Agent, emulator: Emulator) -
     os.close(fds[0])
     finished, _ = agent.call("Finish", {"unit": "demo.service"})
     assert finished == {"finished": True}
-    assert not (agent.env_dir / "demo.service.env").exists()
+    assert not (agent.env_dir / "demo.service").exists()
     status, _ = agent.call("Status")
     assert status["phase"] == "idle"
     listing, _ = agent.call("List", {"unit": "demo.service"})

@@ -9,8 +9,10 @@ from typing import Optional
 
 import pytest
 
-from luo_systemd.broker import Broker, BrokerConfig, Caller, NoFdStore
+from luo_systemd.api import Caller
+from luo_systemd.broker import Broker, BrokerConfig
 from luo_systemd.policy import Policy, parse_policy
+from luo_systemd.state import NoFdStore
 from tests.contract.scenarios import digest, memfd
 from tests.harness import Emulator
 
@@ -46,16 +48,16 @@ def test_a_unit_that_does_not_come_back(emulator: Emulator, tmp_path: Path, on_n
 
     after = broker_on(emulator, policies, clock, tmp_path)
     assert after.restore() is not None
-    assert (tmp_path / "vm.service.env").read_text() == "LIVEUPDATE_RESTORED=1\nLIVEUPDATE_COUNT=1\n"
+    assert (tmp_path / "vm.service").read_text() == "LIVEUPDATE_RESTORED=1\nLIVEUPDATE_COUNT=1\n"
     assert after.next_expiry() == 60
     clock.now += 59
     assert after.expire_orphans() == [] and after.phase.value == "restored"
     clock.now += 2
     assert after.expire_orphans() == ["vm.service"]
-    assert after.phase.value == "idle" and not (tmp_path / "vm.service.env").exists()
+    assert after.phase.value == "idle" and not (tmp_path / "vm.service").exists()
     if on_no_return == "keep":
         kept = after.list_fds(ROOT, "vm.service")
-        assert [(f["name"], f["state"]) for f in kept] == [("ram", "stored")], "kept for the next update"
+        assert [(f.name, f.state) for f in kept] == [("ram", "stored")], "kept for the next update"
         ram = after.units["vm.service"].stored["ram"].held.fd
         assert digest(ram) == hashlib.sha256(b"guest memory").hexdigest()
     else:

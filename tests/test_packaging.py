@@ -204,7 +204,8 @@ def test_emulator_package_contents(debs: dict[str, Deb]) -> None:
 
 def test_dependencies(debs: dict[str, Deb]) -> None:
     depends = {d.strip() for d in debs["luo-systemd"].field("Depends").split(",")}
-    for needed in ("python3 (>= 3.9)", "python3-dbus-next", "python3-systemd", "systemd (>= 252)"):
+    needs = ("python3 (>= 3.9)", "python3-dbus-next (>= 0.2.3)", "python3-dbus-next (<< 0.2.4~)", "python3-systemd")
+    for needed in (*needs, "systemd (>= 252)"):
         assert needed in depends, depends
     assert "default-dbus-system-bus | dbus-system-bus" in depends, depends
     version = debs["luo-systemd"].field("Version")

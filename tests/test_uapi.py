@@ -8,6 +8,7 @@ import errno
 import pytest
 
 from luo_systemd import errors, uapi
+from luo_systemd.liveupdate import kernel_error
 from luo_systemd.uapi import Ioctl
 
 
@@ -51,16 +52,22 @@ def test_name_field() -> None:
 
 
 def test_kernel_errors_say_what_and_why() -> None:
-    e = errors.kernel_error(Ioctl.SESSION_PRESERVE_FD, errno.EBUSY, "(token 3)")
+    e = kernel_error(Ioctl.SESSION_PRESERVE_FD, errno.EBUSY, "(token 3)")
     assert isinstance(e, errors.AlreadyPreserved)
     assert str(e).startswith("Failed to preserve fd in session (token 3): the file is already preserved")
     assert str(e).endswith("(EBUSY)")
     assert e.dbus_name == "io.liveupdate.Agent1.Error.AlreadyPreserved"
     assert e.varlink_error == "io.liveupdate.Agent.AlreadyPreserved"
-    unknown = errors.kernel_error(Ioctl.SESSION_FINISH, errno.ENOMEM)
+    unknown = kernel_error(Ioctl.SESSION_FINISH, errno.ENOMEM)
     assert type(unknown) is errors.KernelError and "Cannot allocate memory" in str(unknown)
 
 
 def test_error_names_are_unique() -> None:
     names = [cls.name for cls in errors.all_error_classes()]
     assert len(names) == len(set(names))
+
+
+def test_names_knows_the_session_name_length_without_importing_uapi() -> None:
+    from luo_systemd import names  # noqa: PLC0415
+
+    assert names.SESSION_NAME_MAX == uapi.LIVEUPDATE_SESSION_NAME_LENGTH - 1

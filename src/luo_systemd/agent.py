@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -18,13 +19,15 @@ import sys
 from typing import Callable, Optional
 
 from luo_systemd import cgroups, config, journal, names
-from luo_systemd.broker import Broker, BrokerConfig, FdStore, NoFdStore, Problem
+from luo_systemd.api import Problem
+from luo_systemd.broker import Broker, BrokerConfig
 from luo_systemd.errors import LuoError
 from luo_systemd.kexec import Loader, cmdline_problems, loader_for
 from luo_systemd.kexec_watch import KexecWatcher
 from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
 from luo_systemd.policy import DROPIN, Policy, parse_policy
 from luo_systemd.service_manager import listen_fds
+from luo_systemd.state import FdStore, NoFdStore
 from luo_systemd.varlink_service import VarlinkService
 
 log = logging.getLogger("luod")
@@ -142,7 +145,15 @@ def inhibitor_check(directory: str) -> Callable[[], list[Problem]]:
     return check
 
 
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one (systemd's default soft limit is 1024): luod holds every
+    unit's fds, and nothing here uses select()."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def run(cfg: config.Config) -> int:
+    raise_fd_limit()
     fds = listen_fds()
     store: FdStore = SystemdFdStore() if os.environ.get("NOTIFY_SOCKET") else NoFdStore()
     if isinstance(store, NoFdStore):
@@ -170,18 +181,37 @@ async def run(cfg: config.Config) -> int:
     watcher = KexecWatcher(broker, cfg.systemctl)
     bus = None
     if cfg.dbus:
-        from luo_systemd.dbus_service import BUS_NAME, OBJECT_PATH, Agent1, AgentBus, install_fd_guard  # noqa: PLC0415
+        from luo_systemd.dbus_service import (  # noqa: PLC0415
+            BUS_NAME,
+            OBJECT_PATH,
+            Agent1,
+            AgentBus,
+            install_fd_guard,
+            watch_peers,
+        )
 
         bus = AgentBus()
         await bus.connect()
         agent = Agent1(bus, broker, cgroup_root, watcher.before_preserve)
         install_fd_guard(bus, agent)
+        await watch_peers(bus)
         bus.export(OBJECT_PATH, agent)
         await bus.request_name(BUS_NAME)
     listener = activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
     tasks.append(asyncio.ensure_future(VarlinkService(broker, cgroup_root, watcher.before_preserve).serve(listener)))
 
     stop = asyncio.Event()
+    failed: list[BaseException] = []
+
+    def task_ended(task: asyncio.Task[object]) -> None:
+        # A service that stops serving must not leave luod "running": fail, so systemd restarts it.
+        if not task.cancelled():
+            failed.append(task.exception() or RuntimeError("the Varlink service ended"))
+            log.critical("A luod task ended: %s; exiting so that the service manager restarts luod", failed[-1])
+            stop.set()
+
+    for task in tasks:
+        task.add_done_callback(task_ended)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -208,7 +238,7 @@ async def run(cfg: config.Config) -> int:
         task.cancel()
     if bus is not None:
         bus.disconnect()  # type: ignore[no-untyped-call]
-    return 0
+    return 1 if failed else 0
 
 
 def activated_or_bound(fds: Optional[list[int]], path: str) -> socket.socket:

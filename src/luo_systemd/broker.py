@@ -1,29 +1,34 @@
-"""The broker: the agent's state and the rules of every operation, behind the D-Bus and Varlink adapters.
+"""The broker: the rules of every operation, behind the D-Bus and Varlink adapters.
 
-It owns every fd it holds (stored fds, outgoing and incoming sessions, the manifest session) and keeps a
-copy of each in the agent's own systemd fd store together with a snapshot of its state, so a restarted
-agent (even after SIGKILL) recovers everything.  Methods are synchronous: LUO operations are single
-ioctls, and running them one at a time keeps the state consistent.  Every refusal is a ``LuoError`` raised
-before anything changed.
+Who may call what is decided in authz.py; what luod holds, and its crash-safe persistence with the
+invariants it keeps, is state.py.  The broker owns every fd it holds and changes state through
+``_hold``/``_release``/``_changed`` only, which keep those invariants.  Methods are synchronous: LUO
+operations are single ioctls, and running them one at a time keeps the state consistent.  Every refusal is
+a ``LuoError`` raised before anything changed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import fcntl
-import json
 import logging
 import os
 import platform
+import stat
 import time
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, TypeVar
 
-from luo_systemd import journal, names, syscalls
+from luo_systemd import authz, journal, names, syscalls
+from luo_systemd import state as held_state
+from luo_systemd.api import AGENT, AgentStatus, Caller, FdInfo, Problem, UnitStatus
 from luo_systemd.errors import (
     AccessDenied,
     BadManifest,
+    DeviceBusy,
     InvalidFd,
+    InvalidRequest,
     KernelError,
     LimitExceeded,
     LuoError,
@@ -32,16 +37,25 @@ from luo_systemd.errors import (
     PreflightFailed,
     WrongPhase,
 )
-from luo_systemd.liveupdate import Backend
-from luo_systemd.manifest import MAX_SIZE, CarriedFd, CarriedUnit, FdKind, Manifest
+from luo_systemd.liveupdate import Backend, Device
+from luo_systemd.manifest import CarriedFd, CarriedUnit, FdKind, Manifest
 from luo_systemd.policy import NoReturn, Policy, PreserveAt
+from luo_systemd.state import (
+    HELD_KEY_PREFIX,
+    STATE_KEY_PREFIX,
+    Entry,
+    FdStore,
+    Held,
+    UnitState,
+    crash_point,
+    read_all,
+    sealed_memfd,
+)
 
 log = logging.getLogger("luod")
+T = TypeVar("T")
 
 MANIFEST_TOKEN = 0
-STATE_VERSION = 1
-STATE_KEY_PREFIX = "luod-state-"
-HELD_KEY_PREFIX = "luod-fd-"
 
 
 class Phase(str, enum.Enum):
@@ -51,88 +65,31 @@ class Phase(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
-class Caller:
-    uid: int
-    pid: int
-    unit: Optional[str]  # the unit the caller's process belongs to, from its cgroup
-
-    @property
-    def is_root(self) -> bool:
-        return self.uid == 0
-
-    def describe(self) -> str:
-        return f"PID {self.pid} (uid {self.uid}, {self.unit or 'no unit'})"
-
-
-class FdStore(Protocol):
-    """The agent's own systemd fd store (FDSTORE=1 / FDSTOREREMOVE=1)."""
-
-    def keep(self, key: str, fd: int) -> None: ...
-
-    def drop(self, key: str) -> None: ...
-
-
-class NoFdStore:
-    """When the agent runs without a service manager: nothing survives an agent crash."""
-
-    def keep(self, key: str, fd: int) -> None:
-        pass
-
-    def drop(self, key: str) -> None:
-        pass
-
-
-@dataclasses.dataclass
-class Held:
-    """An fd the broker owns, mirrored in the fd store under ``key``."""
-
-    fd: int
-    key: str
-
-
-@dataclasses.dataclass
-class Entry:
-    """A named fd of a unit: stored for the next update, or restored from the last one."""
-
-    name: str
-    kind: FdKind
-    order: int
-    held: Held
-    session: str = ""  # kind SESSION: the LUO session's name
-
-
-@dataclasses.dataclass
-class UnitState:
-    unit: str
-    stored: dict[str, Entry] = dataclasses.field(default_factory=dict)  # in store order
-    next_order: int = 0
-    out_session: Optional[Held] = None  # luod/UNIT holding the carried memfds (tokens 1..n)
-    preserved: tuple[str, ...] = ()  # the fd names out_session holds, in token order
-    client_sessions: dict[str, Held] = dataclasses.field(default_factory=dict)
-    # after a live update, until the unit finishes:
-    restored: dict[str, Entry] = dataclasses.field(default_factory=dict)
-    in_session: Optional[Held] = None
-    restored_client_sessions: dict[str, Held] = dataclasses.field(default_factory=dict)
-    restored_at: float = 0.0  # CLOCK_BOOTTIME seconds of the restore, for OnNoReturn=
-    finished: bool = True
-
-    def held(self) -> list[Held]:
-        out = [e.held for e in (*self.stored.values(), *self.restored.values())]
-        out += [*self.client_sessions.values(), *self.restored_client_sessions.values()]
-        return out + [h for h in (self.out_session, self.in_session) if h is not None]
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    unit: str  # "" for the whole system
-    message: str
-
-
-@dataclasses.dataclass(frozen=True)
 class BrokerConfig:
     max_fds_total: int = 4096
     busy_retries: int = 5  # EBUSY on /dev/liveupdate (systemd >= 261 opens it briefly): 1.55 s in all
     env_dir: str = "/run/luod/env"  # restore variables, read by the units through EnvironmentFile=-
+
+
+BUSY_BACKOFF_SEC = 0.05  # doubling: 0.05, 0.1, 0.2, 0.4, 0.8
+
+
+async def when_free(broker: Broker, call: Callable[[], T]) -> T:
+    """Runs a broker call for an interface.  The device is opened without waiting; EBUSY (another opener,
+    such as systemd >= 261 for a moment) is tried again after a doubling delay that does not block the
+    event loop, ``busy_retries`` times.  Broker calls change nothing before they fail, so a retry is safe."""
+    retries = broker.config.busy_retries
+    for attempt in range(retries + 1):
+        broker.last_try = attempt == retries
+        try:
+            return call()
+        except DeviceBusy:
+            if broker.last_try:
+                raise
+        finally:
+            broker.last_try = True
+        await asyncio.sleep(BUSY_BACKOFF_SEC * (1 << attempt))
+    raise AssertionError("unreachable")
 
 
 def boottime() -> float:
@@ -163,6 +120,9 @@ class Broker:
         self.listeners: list[Callable[[], None]] = []  # called after every change
         self._next_key = 0
         self._state: Optional[Held] = None
+        self._retired: list[str] = []  # keys whose fds we closed: they leave the fd store after the next snapshot
+        self.last_try = True  # set by when_free: a busy device is reported rather than raised
+        self._retrieved: dict[str, int] = {}  # incoming sessions a crashed predecessor retrieved, by name
 
     # -- bookkeeping
 
@@ -178,12 +138,22 @@ class Broker:
         self._next_key += 1
         held = Held(fd=fd, key=f"{HELD_KEY_PREFIX}{self._next_key}")
         self.fdstore.keep(held.key, fd)
+        crash_point("kept " + held.key)
         return held
 
     def _release(self, held: Optional[Held]) -> None:
+        """Closes our fd; its copy leaves the fd store only once a snapshot that does not name it is saved
+        (invariant 1 of crash recovery)."""
         if held is not None:
-            self.fdstore.drop(held.key)
             os.close(held.fd)
+            if held.key:
+                self._retired.append(held.key)
+
+    def _outgoing(self, fd: int) -> Held:
+        """An outgoing session luod creates itself (a unit's, or the manifest's): not mirrored in the fd
+        store.  Its name must be free whenever luod creates it again, and the kernel preserves a file in
+        one session only; a crash closes it, and recovery creates it again from the state (invariant 2)."""
+        return Held(fd=fd, key="")
 
     def _unit(self, unit: str) -> UnitState:
         return self.units.setdefault(unit, UnitState(unit=unit))
@@ -199,25 +169,13 @@ class Broker:
         for listener in self.listeners:
             listener()
 
-    def authorize(self, caller: Caller, unit: str) -> str:
-        """The unit a caller acts on: its own (``unit`` empty or equal), or any unit if it is root."""
-        if not unit:
-            if caller.unit is None:
-                raise AccessDenied(f"{caller.describe()} is not part of a unit; name the unit explicitly")
-            return caller.unit
-        names.check_unit_name(unit)
-        if unit != caller.unit and not caller.is_root:
-            raise AccessDenied(f"{caller.describe()} may act only on its own unit, not on {unit}")
-        return unit
-
-    @staticmethod
-    def require_root(caller: Caller, what: str) -> None:
-        if not caller.is_root:
-            raise AccessDenied(f"{what} is for root only; {caller.describe()} is not root")
-
     def probe_kind(self, fd: int) -> tuple[FdKind, str]:
-        """What an fd is: a memfd, or a LUO session (with its name).  Anything else is refused."""
+        """What an fd is: a memfd, or a LUO session (with its name).  Anything else is refused, and so is
+        what PRESERVE_FD would refuse in the blackout: an O_PATH fd (the kernel's fget() does not see it;
+        a read-only reopen it preserves, tests/contract/test_rules.py)."""
         try:
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:
+                raise InvalidFd(f"{describe_fd(fd)} is an O_PATH fd, which the kernel cannot preserve")
             if syscalls.is_memfd_like(fd):
                 return FdKind.MEMFD, ""
         except OSError as e:
@@ -232,7 +190,7 @@ class Broker:
 
     def store(self, caller: Caller, unit: str, items: list[tuple[str, int]]) -> None:
         """Stores named fds for a unit (as dups; the caller keeps its fds).  A stored name is replaced."""
-        unit = self.authorize(caller, unit)
+        unit = authz.authorize(caller, unit)
         policy = self._policy(unit)
         state = self.units.get(unit)
         if self.armed and state is not None and state.out_session is not None:
@@ -255,13 +213,24 @@ class Broker:
             raise LimitExceeded(f"{unit} may store at most {policy.fd_max} fds (FileDescriptorMax=)")
         if sum(len(u.stored) for u in self.units.values()) + added > self.config.max_fds_total:
             raise LimitExceeded(f"the agent holds at most {self.config.max_fds_total} fds in all")
+        replaced = {p[0] for p in probed}
+        kept = [e.held.fd for e in (state.stored.values() if state else ()) if e.name not in replaced]
+        pinned = sum(memfd_bytes(fd) for fd in kept) + sum(memfd_bytes(p[1]) for p in probed)
+        if pinned > policy.bytes_max:
+            raise LimitExceeded(
+                f"{unit} would pin {pinned} bytes across the live update (holes count: preserve fills them); "
+                f"its budget is {policy.bytes_max} (BytesMax=)"
+            )
+        dups = dup_all([p[1] for p in probed])
         state = self._unit(unit)
         before = dict(state.stored)
-        for name, fd, kind, session in probed:
+        for (name, _, kind, session), dup in zip(probed, dups):
             state.stored.pop(name, None)
-            state.stored[name] = Entry(name, kind, state.next_order, self._hold(os.dup(fd)), session)
+            state.stored[name] = Entry(name, kind, state.next_order, self._hold(dup), session)
             state.next_order += 1
         if policy.preserve_at is PreserveAt.STORE:
+            if any(name in state.preserved for name, *_ in probed):
+                self._drop_out_session(state)  # the session holds the replaced files: preserve anew
             try:
                 self._preserve_unit(state, policy)
             except LuoError:
@@ -280,12 +249,13 @@ class Broker:
         self._changed()
 
     def remove(self, caller: Caller, unit: str, fd_names: list[str]) -> None:
-        unit = self.authorize(caller, unit)
+        unit = authz.authorize(caller, unit)
         state = self.units.get(unit)
         missing = [n for n in fd_names if state is None or n not in state.stored]
         if missing:
             raise NotFound(f"{unit} has no stored fd named {', '.join(repr(n) for n in missing)}")
-        assert state is not None
+        if state is None or not fd_names:
+            return
         for name in fd_names:
             self._release(state.stored.pop(name).held)
         if state.out_session is not None:
@@ -295,32 +265,37 @@ class Broker:
             self._write_manifest()
         self._changed()
 
-    def list_fds(self, caller: Caller, unit: str) -> list[dict[str, object]]:
-        unit = self.authorize(caller, unit)
+    def list_fds(self, caller: Caller, unit: str) -> list[FdInfo]:
+        unit = authz.authorize(caller, unit)
         state = self.units.get(unit)
         if state is None:
             return []
         rows = [(e, "preserved" if e.name in state.preserved else "stored") for e in state.stored.values()]
         rows += [(e, "restored") for e in state.restored.values()]
-        return [
-            {"name": e.name, "kind": e.kind.value, "state": s, "order": e.order, "session": e.session} for e, s in rows
-        ]
+        return [FdInfo(e.name, e.kind.value, s, e.order, e.session) for e, s in rows]
 
-    def retrieve(self, caller: Caller, unit: str, fd_names: list[str]) -> list[tuple[str, int]]:
-        """The fds restored for a unit after a live update (all if ``fd_names`` is empty), as new dups."""
-        unit = self.authorize(caller, unit)
+    def retrieve(self, caller: Caller, unit: str, fd_names: list[str], limit: int) -> list[tuple[str, int]]:
+        """The fds restored for a unit after a live update (all if ``fd_names`` is empty), as new dups;
+        at most ``limit`` (what one reply of the interface carries)."""
+        unit = authz.authorize(caller, unit)
         state = self.units.get(unit)
         restored = state.restored if state else {}
+        if len(set(fd_names)) != len(fd_names):
+            raise InvalidRequest("a name appears more than once")
+        if len(fd_names) > limit:
+            raise LimitExceeded(f"at most {limit} fds per reply: ask by name, in batches")
         missing = [n for n in fd_names if n not in restored]
         if missing:
             raise NotFound(f"{unit} has no restored fd named {', '.join(repr(n) for n in missing)}")
         chosen = [restored[n] for n in fd_names] if fd_names else sorted(restored.values(), key=lambda e: e.order)
-        return [(e.name, os.dup(e.held.fd)) for e in chosen]
+        if len(chosen) > limit:
+            raise LimitExceeded(f"{len(chosen)} fds were restored, at most {limit} fit a reply: ask by name")
+        return list(zip([e.name for e in chosen], dup_all([e.held.fd for e in chosen])))
 
     def finish(self, caller: Caller, unit: str) -> bool:
         """Ends the unit's restore: FINISH its incoming session; its restored memfds become stored fds again
         (carried into the next update).  False if there was nothing to finish."""
-        unit = self.authorize(caller, unit)
+        unit = authz.authorize(caller, unit)
         state = self.units.get(unit)
         if state is None or state.finished:
             return False
@@ -332,6 +307,7 @@ class Broker:
         if state.in_session is not None:
             try:
                 self.backend.finish(state.in_session.fd)
+                crash_point("finished the session of " + state.unit)
             except KernelError as e:
                 log.warning("Failed to finish the session of %s: %s", state.unit, e)
             self._release(state.in_session)
@@ -359,7 +335,7 @@ class Broker:
 
     def create_session(self, caller: Caller, unit: str, name: str) -> int:
         """A named outgoing LUO session of the unit's own; the agent keeps it alive until the kexec."""
-        unit = self.authorize(caller, unit)
+        unit = authz.authorize(caller, unit)
         policy = self._policy(unit)
         names.check_client_session_name(name)
         if policy.sessions and name not in policy.sessions:
@@ -369,7 +345,7 @@ class Broker:
         if held is None:
             if len(state.client_sessions) >= policy.fd_max:
                 raise LimitExceeded(f"{unit} may hold at most {policy.fd_max} sessions")
-            with self.backend.device(self.config.busy_retries) as dev:
+            with self.backend.device() as dev:
                 fd = dev.create_session(names.client_session_name(unit, name).encode())
             held = state.client_sessions[name] = self._hold(fd)
             self._write_manifest()
@@ -377,7 +353,7 @@ class Broker:
         return os.dup(held.fd)
 
     def retrieve_session(self, caller: Caller, unit: str, name: str) -> int:
-        unit = self.authorize(caller, unit)
+        unit = authz.authorize(caller, unit)
         state = self.units.get(unit)
         held = state.restored_client_sessions.get(name) if state else None
         if held is None:
@@ -389,7 +365,7 @@ class Broker:
     def preserve(self, caller: Caller, unit: str) -> int:
         """The stop hook: preserve the unit's fds if a live update is under way.  Returns how many files
         its session holds (0: nothing to do)."""
-        unit = self.authorize(caller, unit)
+        unit = authz.authorize(caller, unit)
         state = self.units.get(unit)
         if not self.armed or state is None or not state.stored:
             return len(state.preserved) if state else 0
@@ -406,11 +382,13 @@ class Broker:
         self._drop_out_session(state)
         if not wanted:
             return
-        with self.backend.device(self.config.busy_retries) as dev:
-            session = self._hold(dev.create_session(names.unit_session_name(state.unit).encode()))
+        with self.backend.device() as dev:
+            session = self._outgoing(dev.create_session(names.unit_session_name(state.unit).encode()))
+            crash_point("created the session of " + state.unit)
         try:
             for token, name in enumerate(wanted, start=1):
                 self.backend.preserve_fd(session.fd, state.stored[name].held.fd, token)
+                crash_point(f"preserved {state.unit} token {token}")
         except KernelError as e:
             self._release(session)  # unpreserves what was preserved
             journal.event(
@@ -457,10 +435,12 @@ class Broker:
             return
         fd = sealed_memfd("luod-manifest", manifest.encode())
         try:
-            with self.backend.device(self.config.busy_retries) as dev:
-                session = self._hold(dev.create_session(names.MANIFEST_SESSION.encode()))
+            with self.backend.device() as dev:
+                session = self._outgoing(dev.create_session(names.MANIFEST_SESSION.encode()))
+                crash_point("created the manifest session")
             try:
                 self.backend.preserve_fd(session.fd, fd, MANIFEST_TOKEN)
+                crash_point("preserved the manifest")
             except KernelError:
                 self._release(session)
                 raise
@@ -469,13 +449,19 @@ class Broker:
         self.manifest_session = session
         journal.event(journal.MANIFEST, f"Manifest written: {len(manifest.units)} unit(s) to carry")
 
-    def preflight(self) -> list[Problem]:
-        """Everything that would make a live update lose data, found before anything is stopped."""
+    def preflight(self, caller: Caller = AGENT) -> list[Problem]:
+        """Everything that would make a live update lose data, found before anything is stopped.  A caller
+        other than root sees the system's problems and its own unit's."""
+        return [p for p in self._preflight() if not p.unit or authz.sees_unit(caller, p.unit)]
+
+    def _preflight(self) -> list[Problem]:
         problems: list[Problem] = []
         try:
-            with self.backend.device(self.config.busy_retries):
+            with self.backend.device():
                 pass
         except KernelError as e:
+            if isinstance(e, DeviceBusy) and not self.last_try:
+                raise  # when_free tries again later, without blocking the event loop
             problems.append(Problem("", f"LUO is not usable: {e}"))
         inodes: dict[tuple[int, int], str] = {}
         for state in self.units.values():
@@ -500,8 +486,8 @@ class Broker:
 
     def arm(self, caller: Caller, force: bool = False) -> list[Problem]:
         """A live update is decided: from now on units are preserved as they stop."""
-        self.require_root(caller, "Starting a live update")
-        problems = self.preflight()
+        authz.require_root(caller, "Starting a live update")
+        problems = self._preflight()
         if problems and not force:
             raise PreflightFailed(
                 "Pre-flight check failed: "
@@ -521,7 +507,7 @@ class Broker:
 
     def cancel(self, caller: Caller) -> None:
         """Calls the live update off: stop-mode units are unpreserved (their fds stay stored)."""
-        self.require_root(caller, "Cancelling a live update")
+        authz.require_root(caller, "Cancelling a live update")
         if not self.armed:
             raise WrongPhase("No live update is under way")
         self.armed = False
@@ -535,7 +521,7 @@ class Broker:
 
     def discard(self, caller: Caller, unit: str) -> None:
         """Frees everything the agent holds for a unit (root only)."""
-        self.require_root(caller, "Discarding a unit's fds")
+        authz.require_root(caller, "Discarding a unit's fds")
         names.check_unit_name(unit)
         state = self.units.pop(unit, None)
         if state is None:
@@ -552,43 +538,43 @@ class Broker:
         self._changed()
         log.info("Discarded everything held for %s", unit)
 
-    def status(self) -> dict[str, object]:
+    def status(self, caller: Caller) -> AgentStatus:
+        """The agent's state; a caller other than root sees only its own unit."""
         supported = True
         try:
-            with self.backend.device(self.config.busy_retries):
+            with self.backend.device():  # no retries: a busy device is a supported one
                 pass
         except KernelError as e:
-            supported = e.name not in ("NotSupported",)
-        return {
-            "phase": self.phase.value,
-            "supported": supported,
-            "backend": self.backend.kind,
-            "live_update_count": self.update_count,
-            "units": [
-                {
-                    "unit": s.unit,
-                    "stored": len(s.stored),
-                    "preserved": len(s.preserved),
-                    "restored": len(s.restored),
-                    "sessions": len(s.client_sessions),
-                    "finished": s.finished,
-                }
+            supported = e.name != "NotSupported"
+        return AgentStatus(
+            phase=self.phase.value,
+            supported=supported,
+            backend=self.backend.kind,
+            live_update_count=self.update_count,
+            units=tuple(
+                UnitStatus(s.unit, len(s.stored), len(s.preserved), len(s.restored), len(s.client_sessions), s.finished)
                 for s in sorted(self.units.values(), key=lambda s: s.unit)
-            ],
-            "problems": [dataclasses.asdict(p) for p in self.problems],
-        }
+                if authz.sees_unit(caller, s.unit)
+            ),
+            problems=tuple(p for p in self.problems if not p.unit or authz.sees_unit(caller, p.unit)),
+        )
 
     # -- after the kexec
 
     def env_file(self, unit: str) -> str:
-        return os.path.join(self.config.env_dir, unit + ".env")
+        return os.path.join(self.config.env_dir, unit)  # no suffix: a 255-character unit name fits NAME_MAX
 
     def restore(self) -> Optional[Manifest]:
-        """At start-up: takes over what the previous kernel's agent carried.  None on a cold boot."""
+        """At start-up: takes over what the previous kernel's agent carried.  None on a cold boot.
+
+        Sessions a predecessor retrieved before it crashed come from the fd store (``recover``): the
+        kernel gives a session only once.  The manifest's session is finished last, after a snapshot
+        holds everything restored (invariant 3)."""
         with self.backend.device(self.config.busy_retries) as dev:
             try:
-                luod = dev.retrieve_session(names.MANIFEST_SESSION.encode())
+                luod = self._retrieve_session(dev, names.MANIFEST_SESSION)
             except NoSuchSession:
+                self._changed()  # the retired keys of a crashed predecessor leave the fd store
                 return None  # a cold boot, or nothing was carried
             try:
                 manifest = read_manifest(self.backend, luod)
@@ -601,8 +587,7 @@ class Broker:
                 self.manifest_session = self._hold(luod)
                 self._changed()
                 return None
-            self.backend.finish(luod)
-            os.close(luod)
+            incoming = self._hold(luod)
             self.update_count = manifest.update_count
             for carried in manifest.units:
                 try:
@@ -615,26 +600,39 @@ class Broker:
                         unit=carried.unit,
                         level=logging.ERROR,
                     )
+            self.manifest_session = incoming
+            self._changed()
+            self.backend.finish(incoming.fd)
+            crash_point("finished the incoming manifest")
+            self.manifest_session = None
+            self._release(incoming)
+        for leftover in self._retrieved.values():
+            os.close(leftover)
+        self._retrieved.clear()
         self._changed()
         return manifest
 
-    def _restore_unit(self, dev: object, carried: CarriedUnit) -> None:
-        from luo_systemd.liveupdate import Device  # noqa: PLC0415 - for the type only
+    def _retrieve_session(self, dev: Device, name: str) -> int:
+        got = self._retrieved.pop(name, None)
+        if got is None:
+            got = dev.retrieve_session(name.encode())
+            crash_point("retrieved " + name)
+        return got
 
-        assert isinstance(dev, Device)
+    def _restore_unit(self, dev: Device, carried: CarriedUnit) -> None:
         state = self._unit(carried.unit)
         state.finished, state.restored_at = False, self.clock()
         if carried.session:
-            state.in_session = self._hold(dev.retrieve_session(carried.session.encode()))
+            state.in_session = self._hold(self._retrieve_session(dev, carried.session))
         for fd in carried.fds:
             if fd.kind is FdKind.MEMFD:
                 assert state.in_session is not None
                 got = self.backend.retrieve_fd(state.in_session.fd, fd.token)
             else:
-                got = dev.retrieve_session(fd.session.encode())
+                got = self._retrieve_session(dev, fd.session)
             state.restored[fd.name] = Entry(fd.name, fd.kind, fd.order, self._hold(got), fd.session)
         for name, session in carried.client_sessions:
-            state.restored_client_sessions[name] = self._hold(dev.retrieve_session(session.encode()))
+            state.restored_client_sessions[name] = self._hold(self._retrieve_session(dev, session))
         write_env_file(self.env_file(carried.unit), self.update_count)
         journal.event(
             journal.RESTORED,
@@ -655,7 +653,7 @@ class Broker:
                 log.warning(
                     "%s did not come back within %ss after the live update: discarding its fds", state.unit, timeout
                 )
-                self.discard(Caller(0, os.getpid(), None), state.unit)
+                self.discard(AGENT, state.unit)
             else:
                 log.warning(
                     "%s did not come back within %ss after the live update: keeping its fds", state.unit, timeout
@@ -675,102 +673,90 @@ class Broker:
 
     # -- surviving an agent crash: a snapshot of the state in the fd store, next to the fds
 
-    def snapshot(self) -> dict[str, object]:
-        def entry(e: Entry) -> dict[str, object]:
-            return {"name": e.name, "kind": e.kind.value, "order": e.order, "key": e.held.key, "session": e.session}
-
-        def key(h: Optional[Held]) -> Optional[str]:
-            return h.key if h else None
-
-        return {
-            "version": STATE_VERSION,
-            "next_key": self._next_key,
-            "armed": self.armed,
-            "update_count": self.update_count,
-            "manifest_session": key(self.manifest_session),
-            "problems": [dataclasses.asdict(p) for p in self.problems],
-            "units": [
-                {
-                    "unit": s.unit,
-                    "stored": [entry(e) for e in s.stored.values()],
-                    "next_order": s.next_order,
-                    "out_session": key(s.out_session),
-                    "preserved": list(s.preserved),
-                    "client_sessions": {n: h.key for n, h in s.client_sessions.items()},
-                    "restored": [entry(e) for e in s.restored.values()],
-                    "in_session": key(s.in_session),
-                    "restored_client_sessions": {n: h.key for n, h in s.restored_client_sessions.items()},
-                    "restored_at": s.restored_at,
-                    "finished": s.finished,
-                }
-                for s in self.units.values()
-            ],
-        }
-
     def _save_state(self) -> None:
         self._next_key += 1
         key = f"{STATE_KEY_PREFIX}{self._next_key}"
-        fd = sealed_memfd("luod-state", json.dumps(self.snapshot()).encode())
+        data = held_state.encode(
+            self._next_key, self.armed, self.update_count, self.manifest_session, self.problems, self.units
+        )
+        fd = sealed_memfd("luod-state", data)
         # The new snapshot is in the store before the old one leaves it: a crash between keeps one.
         self.fdstore.keep(key, fd)
+        crash_point("kept snapshot " + key)
         old, self._state = self._state, Held(fd, key)
-        self._release(old)
+        if old is not None:
+            os.close(old.fd)
+            self._retired.append(old.key)
+        for retired in self._retired:
+            self.fdstore.drop(retired)
+            crash_point("dropped " + retired)
+        self._retired.clear()
 
     def recover(self, fds: dict[str, int]) -> bool:
-        """Rebuilds the state from the fds systemd handed back (LISTEN_FDNAMES).  False if there was none."""
+        """Rebuilds the state from the fds systemd handed back (LISTEN_FDNAMES).  False if there was no
+        snapshot: then the incoming sessions among the fds (a predecessor crashed while restoring) are kept
+        for ``restore``, by name."""
         states = sorted(
             (k for k in fds if k.startswith(STATE_KEY_PREFIX)), key=lambda k: int(k[len(STATE_KEY_PREFIX) :])
         )
         if not states:
             for key, fd in fds.items():
-                self.fdstore.drop(key)
-                os.close(fd)
+                try:
+                    self._retrieved[self.backend.session_name(fd).decode()] = fd
+                    self._retired.append(key)  # held again under a new key by restore
+                except (KernelError, UnicodeDecodeError):
+                    self.fdstore.drop(key)
+                    os.close(fd)
             return False
-        doc = json.loads(read_all(fds[states[-1]]))
-        if doc.get("version") != STATE_VERSION:
-            raise BadManifest(f"agent state version {doc.get('version')!r} is not understood")
-        used: set[str] = set(states[-1:])
-
-        def held(key: Optional[str]) -> Optional[Held]:
-            if key is None:
-                return None
-            if key not in fds:
-                raise BadManifest(f"the fd store lost {key}")
-            used.add(key)
-            return Held(fds[key], key)
-
-        def entry(d: dict[str, object]) -> Entry:
-            h = held(str(d["key"]))
-            assert h is not None
-            return Entry(str(d["name"]), FdKind(d["kind"]), int(d["order"]), h, str(d["session"]))  # type: ignore[call-overload]
-
-        self._next_key = int(doc["next_key"])
-        self.armed = bool(doc["armed"])
-        self.update_count = int(doc["update_count"])
-        self.manifest_session = held(doc["manifest_session"])
-        self.problems = [Problem(**p) for p in doc["problems"]]
-        for u in doc["units"]:
-            state = UnitState(
-                unit=u["unit"],
-                stored={e["name"]: entry(e) for e in u["stored"]},
-                next_order=u["next_order"],
-                out_session=held(u["out_session"]),
-                preserved=tuple(u["preserved"]),
-                client_sessions={n: h for n, k in u["client_sessions"].items() if (h := held(k))},
-                restored={e["name"]: entry(e) for e in u["restored"]},
-                in_session=held(u["in_session"]),
-                restored_client_sessions={n: h for n, k in u["restored_client_sessions"].items() if (h := held(k))},
-                restored_at=u["restored_at"],
-                finished=u["finished"],
-            )
-            self.units[state.unit] = state
+        got = held_state.decode(read_all(fds[states[-1]]), fds)
+        used = got.used | {states[-1]}
+        self._next_key, self.armed, self.update_count = got.next_key, got.armed, got.update_count
+        self.manifest_session, self.problems, self.units = got.manifest_session, got.problems, got.units
         self._state = Held(fds[states[-1]], states[-1])
         for key, fd in fds.items():
             if key not in used:  # older snapshots, or fds pushed just before a crash
                 self.fdstore.drop(key)
                 os.close(fd)
         log.info("Recovered the agent's state from its fd store: %d unit(s), %d fd(s)", len(self.units), len(used) - 1)
+        self._recreate_outgoing(got.preserved_units)
         return True
+
+    def _recreate_outgoing(self, preserved: list[str]) -> None:
+        """After a crash: the outgoing sessions closed with the crashed luod.  Those the state calls for are
+        created again (units preserved before, or PreserveAt=store), then the manifest."""
+        for state in self.units.values():
+            policy = self.policy_of(state.unit)
+            if policy is None or not state.finished:
+                continue
+            if state.unit in preserved or (policy.preserve_at is PreserveAt.STORE and state.stored):
+                try:
+                    self._preserve_unit(state, policy)
+                except LuoError as e:
+                    self.problems.append(Problem(state.unit, f"could not be preserved again after a restart: {e}"))
+        try:
+            self._write_manifest()
+        except LuoError as e:
+            self.problems.append(Problem("", f"the manifest could not be written after a restart: {e}"))
+        self._changed()
+
+
+def memfd_bytes(fd: int) -> int:
+    """What preserving a memfd pins: its whole size, holes included (0 for a session)."""
+    st = os.fstat(fd)
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def dup_all(fds: list[int]) -> list[int]:
+    """Dups of every fd, or none: running out of fds half-way closes what was made."""
+    out: list[int] = []
+    try:
+        for fd in fds:
+            out.append(os.dup(fd))
+    except OSError as e:
+        for fd in out:
+            os.close(fd)
+        raise LimitExceeded(f"luod cannot hold more fds: {e.strerror}") from None
+    return out
 
 
 def describe_fd(fd: int) -> str:
@@ -785,29 +771,6 @@ def describe_fd(fd: int) -> str:
     return f"fd {fd} ({target})"
 
 
-def sealed_memfd(name: str, data: bytes) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
-
-def read_all(fd: int, limit: int = MAX_SIZE) -> bytes:
-    size = os.fstat(fd).st_size
-    if size > limit:
-        raise BadManifest(f"{size} bytes is too large (at most {limit})")
-    out = bytearray()
-    while len(out) < size:
-        chunk = os.pread(fd, size - len(out), len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
 def read_manifest(backend: Backend, luod: int) -> Manifest:
     fd = backend.retrieve_fd(luod, MANIFEST_TOKEN)
     try:
@@ -818,7 +781,7 @@ def read_manifest(backend: Backend, luod: int) -> Manifest:
 
 def write_env_file(path: str, update_count: int) -> None:
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = os.path.join(os.path.dirname(path), ".writing")  # not PATH.tmp: a 253-character unit name fills NAME_MAX
     with open(tmp, "w") as f:
         f.write(f"LIVEUPDATE_RESTORED=1\nLIVEUPDATE_COUNT={update_count}\n")
     os.replace(tmp, path)

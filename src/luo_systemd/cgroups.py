@@ -1,8 +1,8 @@
 """Who is calling: a process's unit, from its cgroup (as systemd's cg_pid_get_unit() finds it).
 
-A caller is named by its PID (D-Bus) or by the peer of a Unix socket (Varlink).  The PID is pinned with a
-pidfd before the cgroup is read, and the process must still be alive after the read, so a PID that is
-reused in between cannot lend its unit to another process.
+A caller is known by a pidfd: the peer's (SO_PEERPIDFD, Varlink) or the bus's (ProcessFD, D-Bus).  The
+cgroup is read through the PID the pidfd names, and the process must still be alive after the read, so a
+PID that is reused in between cannot lend its unit to another process.  There is no lookup by PID alone.
 """
 
 from __future__ import annotations
@@ -72,33 +72,42 @@ def manager_root(own_cgroup: str) -> str:
 
 
 def pidfd_alive(pidfd: int) -> bool:
-    """A pidfd becomes readable when its process exits."""
-    readable, _, _ = select.select([pidfd], [], [], 0)
-    return not readable
+    """A pidfd becomes readable when its process exits.  poll(), not select(): fds reach past 1023."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return not poller.poll(0)
 
 
-def unit_of_pid(pid: int, root: str, pidfd: Optional[int] = None) -> Optional[str]:
-    """The unit of a live process; AccessDenied if it exited (or was replaced) while we looked."""
-    own = pidfd is None
+def pid_of_pidfd(pidfd: int) -> int:
+    """The PID a pidfd names now (its fdinfo), or -1 once the process is gone."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise AccessDenied("not a pidfd")
+
+
+def unit_of_pidfd(pidfd: int, root: str) -> Optional[str]:
+    """The unit of the process a pidfd pins.  Its cgroup is read through the PID and trusted only if the
+    pidfd's process is still alive after the read: a recycled PID can never lend its unit."""
+    pid = pid_of_pidfd(pidfd)
     try:
-        if pidfd is None:
-            pidfd = os.pidfd_open(pid)
+        if pid <= 0:
+            raise FileNotFoundError
         path = cgroup_path(pid)
-        if not pidfd_alive(pidfd):
-            raise AccessDenied(f"process {pid} exited while its credentials were checked")
     except (ProcessLookupError, FileNotFoundError):
-        raise AccessDenied(f"process {pid} exited while its credentials were checked") from None
-    finally:
-        if own and pidfd is not None:
-            os.close(pidfd)
+        raise AccessDenied("the calling process has exited; its identity cannot be checked") from None
+    if not pidfd_alive(pidfd):
+        raise AccessDenied(f"process {pid} exited while its credentials were checked")
     return unit_of_cgroup(path, root)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, Optional[int]]:
-    """(pid, uid, pidfd or None) of a connected Unix socket's peer."""
+    """(pid, uid, pidfd or None) of a connected Unix socket's peer: the pidfd pins the process that
+    connected (Linux >= 6.5); without it the peer can only be trusted for its uid."""
     pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     try:
         pidfd: Optional[int] = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
     except OSError:
-        pidfd = None  # before Linux 6.5: pinned by pidfd_open() instead
+        pidfd = None
     return pid, uid, pidfd

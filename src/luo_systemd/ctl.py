@@ -10,15 +10,16 @@ import argparse
 import dataclasses
 import enum
 import json
-import subprocess
 import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
-from luo_systemd import config, varlink
+from luo_systemd import config, processes, varlink
 from luo_systemd.errors import ExitCode, LuoError, PreflightFailed
 from luo_systemd.kexec import KernelImage, Loader, default_image, live_update_cmdline, loader_for
+
+SYSTEMCTL_TIMEOUT_SEC = 30.0  # systemctl start --no-block only queues the job
 
 
 class JsonMode(str, enum.Enum):
@@ -130,10 +131,11 @@ class Ctl:
             print(f"Warning: forced despite: {problem_line(p)}", file=sys.stderr)
         self.call("Arm", {"force": self.opts.force})
         try:
-            subprocess.run(
-                ["systemctl", "start", "--no-block", "--job-mode=replace-irreversibly", "liveupdate.target"], check=True
+            processes.run(
+                ["systemctl", "start", "--no-block", "--job-mode=replace-irreversibly", "liveupdate.target"],
+                SYSTEMCTL_TIMEOUT_SEC,
             )
-        except (OSError, subprocess.CalledProcessError) as e:
+        except processes.ChildFailed as e:
             self.call("Cancel")
             raise LuoError(f"Failed to start liveupdate.target ({e}); the live update was cancelled") from None
         self.emit({"started": True, "problems": problems}, lambda _: "Live update started.")

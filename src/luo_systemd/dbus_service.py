@@ -29,8 +29,9 @@ from dbus_next.errors import DBusError
 from dbus_next.message import Message
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
-from luo_systemd import cgroups, errors
-from luo_systemd.broker import Broker, Caller, Problem
+from luo_systemd import authz, errors
+from luo_systemd.api import AGENT, Caller, Problem
+from luo_systemd.broker import Broker, when_free
 from luo_systemd.varlink import close_all
 
 log = logging.getLogger("luod")
@@ -41,6 +42,11 @@ INTERFACE = "io.liveupdate.Agent1"
 REVISION = 1  # bumped on additive changes; the "1" in the name is the major version
 CURRENT_SENDER: contextvars.ContextVar[str] = contextvars.ContextVar("sender")
 MAX_FDS_PER_MESSAGE = 16  # the bus daemon's limit as dbus-next handles it: more silently become None
+MAX_KNOWN_PEERS = 1024  # credentials kept per bus connection, dropped when the peer goes (NameOwnerChanged)
+NO_PROCESS_FD = (
+    "the bus gives no pidfd for this peer (ProcessFD: dbus-broker gives it, dbus-daemon 1.14 does not); "
+    "only root is served over D-Bus here: use the Varlink socket"
+)
 
 
 def _patient_write_callback(writer: Any) -> None:
@@ -113,7 +119,7 @@ class AgentBus(MessageBus):
         return future
 
 
-def _problems(problems: list[Problem]) -> list[list[str]]:
+def _problems(problems: "list[Problem] | tuple[Problem, ...]") -> list[list[str]]:
     return [[p.unit, p.message] for p in problems]
 
 
@@ -126,8 +132,9 @@ def dbus_method(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         try:
             caller = await self.caller()
             if fn.__name__ == "Preserve" and self.before_preserve is not None:
+                authz.authorize(caller, args[0])  # before any work: a stranger forks nothing
                 await self.before_preserve()
-            return fn(self, caller, *args)
+            return await when_free(self.broker, lambda: fn(self, caller, *args))
         except errors.LuoError as e:
             raise DBusError(e.dbus_name, e.message) from None
         except DBusError:
@@ -168,14 +175,16 @@ class Agent1(ServiceInterface):
         self.broker = broker
         self.cgroup_root = cgroup_root
         self.before_preserve = before_preserve  # lets a kexec that systemd started arm the agent first
-        self._credentials: dict[str, tuple[int, int]] = {}
+        self._peers: dict[str, tuple[int, int, Optional[int]]] = {}  # sender: (uid, pid, pidfd owned here)
         self._last_phase = broker.phase
         broker.listeners.append(self._broker_changed)
 
     async def caller(self) -> Caller:
+        """The caller of the current method, from the bus's credentials of its connection.  The pidfd the
+        bus gives (ProcessFD) pins the process that connected; without one, only the uid is trusted."""
         sender = CURRENT_SENDER.get()
-        creds = self._credentials.get(sender)
-        if creds is None:
+        peer = self._peers.get(sender)
+        if peer is None:
             reply = await self.bus.call(
                 Message(
                     destination="org.freedesktop.DBus",
@@ -189,13 +198,20 @@ class Agent1(ServiceInterface):
             if reply is None or reply.message_type is MessageType.ERROR:
                 raise errors.AccessDenied(f"cannot get the credentials of {sender}")
             body = reply.body[0]
-            creds = (int(body["ProcessID"].value), int(body["UnixUserID"].value))
-            self._credentials[sender] = creds
-        pid, uid = creds
-        return Caller(uid=uid, pid=pid, unit=cgroups.unit_of_pid(pid, self.cgroup_root))
+            fds = list(reply.unix_fds)
+            pidfd = fds.pop(body["ProcessFD"].value) if "ProcessFD" in body else None
+            close_all(fds)
+            peer = (int(body["UnixUserID"].value), int(body["ProcessID"].value), pidfd)
+            while len(self._peers) >= MAX_KNOWN_PEERS:
+                self.forget(next(iter(self._peers)))
+            self._peers[sender] = peer
+        uid, pid, pidfd = peer
+        return authz.identify(uid, pid, pidfd, self.cgroup_root, NO_PROCESS_FD)
 
     def forget(self, name: str) -> None:
-        self._credentials.pop(name, None)
+        peer = self._peers.pop(name, None)
+        if peer is not None and peer[2] is not None:
+            close_all([peer[2]])
 
     def _broker_changed(self) -> None:
         phase = self.broker.phase
@@ -229,20 +245,12 @@ class Agent1(ServiceInterface):
     @method()
     @dbus_method
     def ListFds(self, caller: Caller, unit: "s") -> "a(sssus)":
-        return [
-            [r["name"], r["kind"], r["state"], r["order"], r["session"]] for r in self.broker.list_fds(caller, unit)
-        ]
+        return [[f.name, f.kind, f.state, f.order, f.session] for f in self.broker.list_fds(caller, unit)]
 
     @method()
     @dbus_method
     def RetrieveFds(self, caller: Caller, unit: "s", names: "as") -> "a(sh)":
-        if len(names) > MAX_FDS_PER_MESSAGE:
-            raise errors.LimitExceeded(f"at most {MAX_FDS_PER_MESSAGE} fds per reply; ask in batches")
-        got = self.broker.retrieve(caller, unit, list(names))
-        if len(got) > MAX_FDS_PER_MESSAGE:
-            close_all([fd for _, fd in got])
-            raise errors.LimitExceeded(f"more than {MAX_FDS_PER_MESSAGE} fds restored: ask by name, in batches")
-        return [[name, fd] for name, fd in got]
+        return [[name, fd] for name, fd in self.broker.retrieve(caller, unit, list(names), MAX_FDS_PER_MESSAGE)]
 
     @method()
     @dbus_method
@@ -269,14 +277,15 @@ class Agent1(ServiceInterface):
     @method()
     @dbus_method
     def ListUnits(self, caller: Caller) -> "a(suuuub)":
-        units = self.broker.status()["units"]
-        assert isinstance(units, list)
-        return [[u["unit"], u["stored"], u["preserved"], u["restored"], u["sessions"], u["finished"]] for u in units]
+        return [
+            [u.unit, u.stored, u.preserved, u.restored, u.sessions, u.finished]
+            for u in self.broker.status(caller).units
+        ]
 
     @method()
     @dbus_method
     def Preflight(self, caller: Caller) -> "a(ss)":
-        return _problems(self.broker.preflight())
+        return _problems(self.broker.preflight(caller))
 
     @method()
     @dbus_method
@@ -301,7 +310,7 @@ class Agent1(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Supported(self) -> "b":
-        return bool(self.broker.status()["supported"])
+        return self.broker.status(AGENT).supported
 
     @dbus_property(access=PropertyAccess.READ)
     def Backend(self) -> "s":
@@ -337,8 +346,28 @@ def install_fd_guard(bus: MessageBus, agent: Agent1) -> None:
             return
         CURRENT_SENDER.set(msg.sender)  # the method's task is created next, copying this context
         reaches_us = msg.interface == INTERFACE and ours.get(msg.member) == msg.signature and msg.path == OBJECT_PATH
-        if msg.unix_fds and not reaches_us:
-            fds = list(msg.unix_fds)
-            loop.call_soon(close_all, fds)
+        if msg.unix_fds:
+            # The method closes the fds its 'h' arguments name (only StoreFds has any); the rest, here.
+            named = (
+                {i for _, i in msg.body[1] if isinstance(i, int)} if reaches_us and msg.member == "StoreFds" else set()
+            )
+            unnamed = [fd for i, fd in enumerate(msg.unix_fds) if i not in named]
+            loop.call_soon(close_all, unnamed)
 
     bus.add_message_handler(handler)
+
+
+async def watch_peers(bus: MessageBus) -> None:
+    """Asks the bus for NameOwnerChanged, so a peer's cached credentials go when the peer goes."""
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="AddMatch",
+            signature="s",
+            body=["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"],
+        )
+    )
+    if reply is None or reply.message_type is MessageType.ERROR:
+        raise errors.LuoError("the bus refused to report departing peers (AddMatch NameOwnerChanged)")

@@ -18,6 +18,7 @@ import argparse
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import selectors
@@ -26,7 +27,7 @@ import socket
 import stat
 import sys
 from collections.abc import Iterable
-from typing import Optional
+from typing import Any, Optional
 
 from luo_systemd import syscalls, uapi
 from luo_systemd.liveupdate import (
@@ -40,6 +41,17 @@ from luo_systemd.liveupdate import (
 from luo_systemd.uapi import Ioctl
 
 Inode = tuple[int, int]
+
+
+def control_options(payload: bytes, **types: type) -> dict[str, Any]:
+    """The JSON options of a control request, each of its type; anything else is EINVAL (never a crash)."""
+    try:
+        opts = json.loads(payload or b"{}")
+    except (ValueError, RecursionError):
+        raise Fail(errno.EINVAL) from None
+    if not isinstance(opts, dict) or any(k not in types or type(v) is not types[k] for k, v in opts.items()):
+        raise Fail(errno.EINVAL)
+    return opts
 
 
 class Fail(Exception):
@@ -160,6 +172,8 @@ class EmulatedLuo:
             raise Fail(errno.EINVAL)  # not seen on a kernel: the agent never preserves into an incoming session
         if token in session.files:
             raise Fail(errno.EEXIST)
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:
+            raise Fail(errno.EBADF)  # the kernel's fget() does not see O_PATH files
         if not syscalls.is_memfd_like(fd):
             raise Fail(errno.ENOENT)  # no file handler for this kind of file
         inode = inode_of(fd)
@@ -171,7 +185,9 @@ class EmulatedLuo:
                 # The kernel pins every page at once and fills holes; so do we (no copy: the same pages).
                 os.posix_fallocate(fd, 0, size)
             except OSError as e:
-                if e.errno != errno.EPERM:  # write-sealed memfds cannot be filled from user space
+                # Write-sealed memfds (EPERM) and read-only reopens (EBADF) cannot be filled through this
+                # fd from user space; the kernel pins their pages all the same.
+                if e.errno not in (errno.EPERM, errno.EBADF):
                     raise Fail(e.errno or errno.EIO) from None
         session.files[token] = HeldFile(token=token, fd=os.dup(fd), inode=inode, size_at_preserve=size)
 
@@ -386,7 +402,7 @@ class EmulatorServer:
             self.device_holder = conn
             return b"", None
         if request == EmuControl.KEXEC:
-            opts = json.loads(payload or b"{}")
+            opts = control_options(payload, cold=bool)
             for s in self._sessions():
                 if s.end is not None:
                     self.selector.unregister(s.end)
@@ -396,7 +412,7 @@ class EmulatorServer:
                 self.device_holder = None
             return json.dumps(result).encode(), None
         if request == EmuControl.LOAD_KERNEL:
-            opts = json.loads(payload or b"{}")
+            opts = control_options(payload, cmdline=str, legacy=bool)
             if not fds:
                 raise Fail(errno.EBADF)
             luo.load_kernel(str(opts.get("cmdline", "")), file_load=not opts.get("legacy", False))

@@ -2,16 +2,19 @@
 
 Every error has a D-Bus name under ``io.liveupdate.Agent1.Error.*``, a Varlink error under
 ``io.liveupdate.Agent.*`` and a CLI exit code.  Each interface translates errors in exactly one place;
-nothing else invents error names.
+nothing else invents error names.  Kernel errnos become these errors in ``liveupdate.kernel_error``.
+
+Imports nothing but ``errno``: luo-hook and the generator import this module at every unit start and
+every boot, and must not pay for ctypes or typing.
 """
 
 from __future__ import annotations
 
 import errno as errno_mod
-import os
-from typing import ClassVar, Optional
 
-from luo_systemd.uapi import Ioctl
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import ClassVar, Optional
 
 DBUS_ERROR_PREFIX = "io.liveupdate.Agent1.Error."
 VARLINK_ERROR_PREFIX = "io.liveupdate.Agent."
@@ -108,63 +111,6 @@ class AlreadyPreserved(KernelError):
 class InvalidArgument(KernelError):
     name = "InvalidArgument"
     exit_code = ExitCode.INVALID
-
-
-# (operation, errno) -> (error class, reason in words a user understands)
-_KERNEL_REASONS: dict[tuple[Optional[Ioctl], int], tuple[type[KernelError], str]] = {
-    (None, errno_mod.ENOENT): (
-        NotSupported,
-        "this kernel has no Live Update Orchestrator "
-        "(needs CONFIG_LIVEUPDATE and 'kho=on liveupdate=on' on the command line)",
-    ),
-    (None, errno_mod.EBUSY): (DeviceBusy, "another process has /dev/liveupdate open"),
-    (None, errno_mod.EACCES): (KernelError, "permission denied (only root may open /dev/liveupdate)"),
-    (None, errno_mod.EIO): (KernelError, "the incoming live-update state could not be loaded this boot"),
-    (Ioctl.CREATE_SESSION, errno_mod.EEXIST): (SessionExists, "an outgoing session of that name exists"),
-    (Ioctl.CREATE_SESSION, errno_mod.EINVAL): (InvalidArgument, "the session name must be 1 to 63 bytes"),
-    (Ioctl.CREATE_SESSION, errno_mod.ENOSPC): (KernelError, "too many sessions"),
-    (Ioctl.RETRIEVE_SESSION, errno_mod.ENOENT): (NoSuchSession, "no incoming session of that name"),
-    (Ioctl.RETRIEVE_SESSION, errno_mod.EINVAL): (
-        InvalidArgument,
-        "the session was already retrieved, or the name is invalid",
-    ),
-    (Ioctl.SESSION_PRESERVE_FD, errno_mod.EEXIST): (TokenInUse, "the token is already used in this session"),
-    (Ioctl.SESSION_PRESERVE_FD, errno_mod.ENOENT): (
-        NotPreservable,
-        "the kernel cannot preserve this kind of file (only non-hugetlb memfds can be preserved)",
-    ),
-    (Ioctl.SESSION_PRESERVE_FD, errno_mod.EBUSY): (
-        AlreadyPreserved,
-        "the file is already preserved in a session, or was retrieved this boot and its session is not finished",
-    ),
-    (Ioctl.SESSION_PRESERVE_FD, errno_mod.EBADF): (InvalidArgument, "not an open file descriptor"),
-    (Ioctl.SESSION_PRESERVE_FD, errno_mod.EFBIG): (KernelError, "the file is too large to preserve"),
-    (Ioctl.SESSION_RETRIEVE_FD, errno_mod.ENOENT): (
-        NoSuchToken,
-        "no file with that token (or the session is finished)",
-    ),
-}
-
-_OPERATION_WORDS = {
-    Ioctl.CREATE_SESSION: "create session",
-    Ioctl.RETRIEVE_SESSION: "retrieve session",
-    Ioctl.SESSION_PRESERVE_FD: "preserve fd in session",
-    Ioctl.SESSION_RETRIEVE_FD: "retrieve fd from session",
-    Ioctl.SESSION_FINISH: "finish session",
-    Ioctl.SESSION_GET_NAME: "get name of session",
-}
-
-
-def kernel_error(op: Optional[Ioctl], err: int, subject: str = "") -> KernelError:
-    """Turns the errno of an ioctl (``op``) or of opening the device (``op=None``) into a typed error."""
-    cls, reason = _KERNEL_REASONS.get((op, err), (None, None))
-    if cls is None or reason is None:
-        cls = InvalidArgument if err == errno_mod.EINVAL else KernelError
-        reason = os.strerror(err)
-    what = "Failed to open /dev/liveupdate" if op is None else f"Failed to {_OPERATION_WORDS[op]}"
-    if subject:
-        what += f" {subject}"
-    return cls(what, err, reason)
 
 
 # Errors of the agent's own rules.

@@ -83,7 +83,7 @@ def unit_dropin(unit: UnitFiles, hook: str = HOOK) -> str:
         "# The ExecStartPre= hook pushes restored fds into this unit's fd store.",
         f"NotifyAccess={notify_access}",
         f"FileDescriptorStoreMax={fd_max}",
-        f"EnvironmentFile=-{ENV_DIR}/%n.env",
+        f"EnvironmentFile=-{ENV_DIR}/%n",
         f"ExecStartPre=-{hook} start %n",
     ]
     if policy.finish is FinishMode.AUTO:

@@ -8,12 +8,12 @@ its private socket: the system bus may already be gone at that point of a shutdo
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 from collections.abc import Sequence
 
-from luo_systemd.broker import Broker, Caller
+from luo_systemd import processes
+from luo_systemd.api import AGENT
+from luo_systemd.broker import Broker
 
 log = logging.getLogger("luod")
 
@@ -36,18 +36,15 @@ class KexecWatcher:
         """Whether kexec.target has a job (a kexec transaction is under way)."""
         argv = [*self.systemctl, *LIST_JOBS_ARGS]
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-            )
-            out, _ = await asyncio.wait_for(proc.communicate(), SYSTEMCTL_TIMEOUT_SEC)
-        except (OSError, asyncio.TimeoutError) as e:
+            out = await processes.output_of(argv, SYSTEMCTL_TIMEOUT_SEC)
+        except processes.ChildFailed as e:
             log.warning("Cannot ask systemd for a kexec job (%s): treating this stop as an ordinary one", e)
             return False
-        return kexec_job_listed(out.decode())
+        return kexec_job_listed(out)
 
     async def before_preserve(self) -> None:
         if not self.broker.armed and await self.kexec_pending():
             log.warning(
                 "A kexec was started without liveupdatectl: preserving units as they stop, without a pre-flight check"
             )
-            self.broker.arm(Caller(uid=0, pid=os.getpid(), unit=None), force=True)
+            self.broker.arm(AGENT, force=True)

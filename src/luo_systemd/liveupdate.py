@@ -1,7 +1,7 @@
 """The LUO device interface, with the kernel and the emulator (``luo-emu``) behind one API.
 
 Both backends share everything but the last step: the argument structs are built from ``uapi`` and the
-errno is translated by ``errors.kernel_error`` here, so a backend is only an *ioctl transport*.  The kernel
+errno is translated by ``kernel_error`` here, so a backend is only an *ioctl transport*.  The kernel
 transport calls ``ioctl(2)``; the emulator transport sends the same request number and struct bytes to
 ``luo-emu`` over a Unix socket with the fds attached (SCM_RIGHTS) and gets the kernel's answer back.
 
@@ -24,10 +24,78 @@ from collections.abc import Iterator
 from typing import Optional, Protocol
 
 from luo_systemd import uapi
-from luo_systemd.errors import KernelError, kernel_error
+from luo_systemd.errors import (
+    AlreadyPreserved,
+    DeviceBusy,
+    InvalidArgument,
+    KernelError,
+    NoSuchSession,
+    NoSuchToken,
+    NotPreservable,
+    NotSupported,
+    SessionExists,
+    TokenInUse,
+)
 from luo_systemd.uapi import Ioctl
 
 DEFAULT_EMULATOR_SOCKET = "/run/luo-emu/liveupdate.sock"
+
+
+# (operation, errno) -> (error class, reason in words a user understands)
+_KERNEL_REASONS: dict[tuple[Optional[Ioctl], int], tuple[type[KernelError], str]] = {
+    (None, errno.ENOENT): (
+        NotSupported,
+        "this kernel has no Live Update Orchestrator "
+        "(needs CONFIG_LIVEUPDATE and 'kho=on liveupdate=on' on the command line)",
+    ),
+    (None, errno.EBUSY): (DeviceBusy, "another process has /dev/liveupdate open"),
+    (None, errno.EACCES): (KernelError, "permission denied (only root may open /dev/liveupdate)"),
+    (None, errno.EIO): (KernelError, "the incoming live-update state could not be loaded this boot"),
+    (Ioctl.CREATE_SESSION, errno.EEXIST): (SessionExists, "an outgoing session of that name exists"),
+    (Ioctl.CREATE_SESSION, errno.EINVAL): (InvalidArgument, "the session name must be 1 to 63 bytes"),
+    (Ioctl.CREATE_SESSION, errno.ENOSPC): (KernelError, "too many sessions"),
+    (Ioctl.RETRIEVE_SESSION, errno.ENOENT): (NoSuchSession, "no incoming session of that name"),
+    (Ioctl.RETRIEVE_SESSION, errno.EINVAL): (
+        InvalidArgument,
+        "the session was already retrieved, or the name is invalid",
+    ),
+    (Ioctl.SESSION_PRESERVE_FD, errno.EEXIST): (TokenInUse, "the token is already used in this session"),
+    (Ioctl.SESSION_PRESERVE_FD, errno.ENOENT): (
+        NotPreservable,
+        "the kernel cannot preserve this kind of file (only non-hugetlb memfds can be preserved)",
+    ),
+    (Ioctl.SESSION_PRESERVE_FD, errno.EBUSY): (
+        AlreadyPreserved,
+        "the file is already preserved in a session, or was retrieved this boot and its session is not finished",
+    ),
+    (Ioctl.SESSION_PRESERVE_FD, errno.EBADF): (InvalidArgument, "not an open file descriptor"),
+    (Ioctl.SESSION_PRESERVE_FD, errno.EFBIG): (KernelError, "the file is too large to preserve"),
+    (Ioctl.SESSION_RETRIEVE_FD, errno.ENOENT): (
+        NoSuchToken,
+        "no file with that token (or the session is finished)",
+    ),
+}
+
+_OPERATION_WORDS = {
+    Ioctl.CREATE_SESSION: "create session",
+    Ioctl.RETRIEVE_SESSION: "retrieve session",
+    Ioctl.SESSION_PRESERVE_FD: "preserve fd in session",
+    Ioctl.SESSION_RETRIEVE_FD: "retrieve fd from session",
+    Ioctl.SESSION_FINISH: "finish session",
+    Ioctl.SESSION_GET_NAME: "get name of session",
+}
+
+
+def kernel_error(op: Optional[Ioctl], err: int, subject: str = "") -> KernelError:
+    """Turns the errno of an ioctl (``op``) or of opening the device (``op=None``) into a typed error."""
+    cls, reason = _KERNEL_REASONS.get((op, err), (None, None))
+    if cls is None or reason is None:
+        cls = InvalidArgument if err == errno.EINVAL else KernelError
+        reason = os.strerror(err)
+    what = "Failed to open /dev/liveupdate" if op is None else f"Failed to {_OPERATION_WORDS[op]}"
+    if subject:
+        what += f" {subject}"
+    return cls(what, err, reason)
 
 
 class Transport(Protocol):

@@ -12,7 +12,8 @@ import enum
 import json
 from typing import Any
 
-from luo_systemd.errors import BadManifest
+from luo_systemd.errors import BadManifest, InvalidName
+from luo_systemd.names import SESSION_NAME_MAX, check_client_session_name, check_fd_name, check_unit_name
 
 FORMAT = "io.liveupdate.manifest"
 VERSION = 1
@@ -74,7 +75,7 @@ class Manifest:
     def decode(cls, data: bytes) -> Manifest:
         try:
             doc = json.loads(data)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise BadManifest(f"manifest is not JSON: {e}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise BadManifest("manifest has no 'format: io.liveupdate.manifest'")
@@ -90,7 +91,7 @@ class Manifest:
                 kernel=_str(doc["kernel"]),
                 units=tuple(_unit(u) for u in doc["units"]),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, InvalidName) as e:
             raise BadManifest(f"manifest is malformed: {e!r}") from None
 
 
@@ -106,19 +107,30 @@ def _str(v: Any) -> str:
     return v
 
 
+def _session(v: Any) -> str:
+    """A LUO session name as the kernel takes it: at most 63 bytes, no NUL ("" for none)."""
+    name = _str(v)
+    if len(name.encode()) > SESSION_NAME_MAX or "\0" in name:
+        raise ValueError(f"{name!r} is not a LUO session name")
+    return name
+
+
 def _unit(u: Any) -> CarriedUnit:
+    """A unit of the manifest: untrusted input (it names files luod writes), so every name is checked."""
     return CarriedUnit(
-        unit=_str(u["unit"]),
-        session=_str(u["session"]),
+        unit=check_unit_name(_str(u["unit"])),
+        session=_session(u["session"]),
         fds=tuple(
             CarriedFd(
-                name=_str(f["name"]),
+                name=check_fd_name(_str(f["name"])),
                 kind=FdKind(f["kind"]),
                 order=_int(f["order"]),
                 token=_int(f["token"]),
-                session=_str(f["session"]),
+                session=_session(f["session"]),
             )
             for f in u["fds"]
         ),
-        client_sessions=tuple((_str(c["name"]), _str(c["session"])) for c in u["client_sessions"]),
+        client_sessions=tuple(
+            (check_client_session_name(_str(c["name"])), _session(c["session"])) for c in u["client_sessions"]
+        ),
     )

@@ -9,11 +9,10 @@ import hashlib
 import re
 
 from luo_systemd.errors import InvalidName
-from luo_systemd.uapi import LIVEUPDATE_SESSION_NAME_LENGTH
 
 FDNAME_MAX = 255
 UNIT_NAME_MAX = 255
-SESSION_NAME_MAX = LIVEUPDATE_SESSION_NAME_LENGTH - 1  # 63 bytes and the NUL
+SESSION_NAME_MAX = 63  # uapi.LIVEUPDATE_SESSION_NAME_LENGTH less the NUL (not imported: uapi loads ctypes)
 
 MANIFEST_SESSION = "luod"  # the agent's own session; its token 0 is the manifest
 SESSION_PREFIX = "luod/"

@@ -20,6 +20,8 @@ DROPIN = "50-liveupdate.conf"  # the generator's drop-in in each opted-in unit's
 DEFAULT_FD_MAX = 64
 FD_MAX_LIMIT = 4096
 DEFAULT_RETURN_TIMEOUT_SEC = 300
+DEFAULT_BYTES_MAX = 1 << 30  # what one unit may pin across a live update unless it says otherwise
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 class PreserveAt(str, enum.Enum):
@@ -45,6 +47,7 @@ class Policy(NamedTuple):  # a NamedTuple, not a dataclass: importing dataclasse
     fd_max: int = DEFAULT_FD_MAX
     on_no_return: NoReturn = NoReturn.KEEP
     return_timeout_sec: int = DEFAULT_RETURN_TIMEOUT_SEC
+    bytes_max: int = DEFAULT_BYTES_MAX  # memfd bytes (holes count) the unit may have preserved
 
     def carries(self, fd_name: str) -> bool:
         return not self.fd_names or fd_name in self.fd_names
@@ -65,6 +68,8 @@ class Policy(NamedTuple):  # a NamedTuple, not a dataclass: importing dataclasse
             f"OnNoReturn={self.on_no_return.value}",
             f"ReturnTimeoutSec={self.return_timeout_sec}",
         ]
+        if self.bytes_max != DEFAULT_BYTES_MAX:
+            lines.append(f"BytesMax={self.bytes_max}")
         return "\n".join(lines) + "\n"
 
 
@@ -99,6 +104,14 @@ def _seconds(value: str) -> int:
     if not m:
         raise InvalidRequest(f"ReturnTimeoutSec={value!r} is not a time (e.g. 300, 5min, 1h)")
     return int(m.group(1)) * _TIME_UNITS[m.group(2)]
+
+
+def _bytes(value: str) -> int:
+    """systemd's sizes: 1024-based suffixes K, M, G, T."""
+    number, suffix = (value[:-1], value[-1].upper()) if value[-1:].isalpha() else (value, "")
+    if not number.isdigit() or suffix not in _SIZE_UNITS:
+        raise InvalidRequest(f"BytesMax={value!r} is not a size (e.g. 512M, 4G)")
+    return int(number) * _SIZE_UNITS[suffix]
 
 
 def _enum(cls: type[enum.Enum], key: str, value: str) -> enum.Enum:
@@ -141,6 +154,8 @@ def parse_policy(texts: Iterable[str]) -> Policy | None:
                 if not value.isdigit() or not 1 <= int(value) <= FD_MAX_LIMIT:
                     raise InvalidRequest(f"FileDescriptorMax={value!r}: expected 1..{FD_MAX_LIMIT}")
                 fields["fd_max"] = int(value)
+            elif key == "BytesMax":
+                fields["bytes_max"] = _bytes(value)
             elif key == "ReturnTimeoutSec":
                 fields["return_timeout_sec"] = _seconds(value)
             else:

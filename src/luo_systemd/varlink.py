@@ -13,44 +13,69 @@ import errno
 import json
 import os
 import socket
-from collections.abc import Sequence
-from typing import Any, Optional
 
 from luo_systemd import errors
 
-MAX_MESSAGE = 1 << 20
-MAX_FDS = 253  # SCM_MAX_FD
+TYPE_CHECKING = False  # typing costs ~8 ms: too much for luo-hook at every unit start
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, Optional
+
+MAX_MESSAGE = 64 << 10  # a call: the largest legitimate one (64 names of 255 bytes) is ~17 KiB
+MAX_REPLY = 16 << 20  # a reply, as a client accepts it (List of 4096 fds is ~0.5 MiB)
+MAX_FDS = 253  # SCM_MAX_FD; also the most fds that may wait on a connection for their message's end
+MAX_DEPTH = 32  # nesting of JSON arrays and objects; our messages need 4
 INTERFACE = "io.liveupdate.Agent"
 
 
-def send_message(sock: socket.socket, doc: dict[str, Any], fds: Sequence[int] = ()) -> None:
+def encode(doc: dict[str, Any], fds: Sequence[int]) -> tuple[bytes, list[tuple[int, int, bytes]]]:
     data = json.dumps(doc, separators=(",", ":")).encode() + b"\0"
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    return data, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+
+
+def send_message(sock: socket.socket, doc: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    data, anc = encode(doc, fds)
     sent = sock.sendmsg([data], anc)
     if sent < len(data):
         sock.sendall(data[sent:])
 
 
+def _depth(doc: Any, limit: int) -> int:
+    """How deep arrays and objects nest, counting no further than ``limit + 1``."""
+    stack = [(doc, 1)]
+    deepest = 0
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, level)
+            if deepest > limit:
+                break
+            stack += [(v, level + 1) for v in (value.values() if isinstance(value, dict) else value)]
+    return deepest
+
+
 class Reader:
     """Splits a stream into NUL-terminated messages and collects the fds that came with them."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         self.buffer = bytearray()
         self.fds: list[int] = []
+        self.max_message = max_message
 
     def feed(self, sock: socket.socket) -> bool:
-        """Reads what is there; False on EOF.  Raises OSError(EMSGSIZE) on oversized input."""
+        """Reads what is there; False on EOF.  Raises OSError(EMSGSIZE) on oversized input: a message
+        longer than ``max_message``, or more than MAX_FDS fds waiting for their message's end."""
         data, anc, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
         for level, kind, cdata in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 self.fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % 4]))
-        if flags & socket.MSG_CTRUNC:
+        if flags & socket.MSG_CTRUNC or len(self.fds) > MAX_FDS:
             raise OSError(errno.EMSGSIZE, f"more than {MAX_FDS} fds in one message")
         if not data:
             return False
         self.buffer += data
-        if len(self.buffer) > MAX_MESSAGE and b"\0" not in self.buffer:
-            raise OSError(errno.EMSGSIZE, f"message larger than {MAX_MESSAGE} bytes")
+        if len(self.buffer) > self.max_message and b"\0" not in self.buffer:
+            raise OSError(errno.EMSGSIZE, f"message larger than {self.max_message} bytes")
         return True
 
     def next_message(self) -> Optional[tuple[dict[str, Any], list[int]]]:
@@ -62,12 +87,12 @@ class Reader:
         fds, self.fds = self.fds, []
         try:
             doc = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             close_all(fds)
             raise OSError(errno.EBADMSG, "message is not JSON") from None
-        if not isinstance(doc, dict):
+        if not isinstance(doc, dict) or _depth(doc, MAX_DEPTH) > MAX_DEPTH:
             close_all(fds)
-            raise OSError(errno.EBADMSG, "message is not a JSON object")
+            raise OSError(errno.EBADMSG, f"message is not a JSON object nested at most {MAX_DEPTH} deep")
         return doc, fds
 
     def close(self) -> None:
@@ -116,7 +141,7 @@ class Client:
         except OSError as e:
             self.sock.close()
             raise errors.AgentUnavailable(f"luod is not reachable at {path}: {e.strerror}") from None
-        self.reader = Reader()
+        self.reader = Reader(MAX_REPLY)
 
     def __enter__(self) -> Client:
         return self

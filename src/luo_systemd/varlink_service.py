@@ -1,7 +1,9 @@
 """The agent's Varlink service io.liveupdate.Agent on /run/luod/liveupdate.sock.
 
 The same operations as the D-Bus API, for hooks and light clients, plus fds in both directions (SCM_RIGHTS).
-The caller is the peer of the socket (SO_PEERCRED, pinned by SO_PEERPIDFD where the kernel has it).
+The caller is the peer of the socket, pinned by SO_PEERPIDFD (see authz.py).  Everything a peer can make
+luod hold is bounded: connections per uid and in all, bytes and fds pending on a connection (varlink.Reader),
+the JSON's depth; replies of any size are delivered as the peer reads them.
 """
 
 from __future__ import annotations
@@ -11,15 +13,20 @@ import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, Callable, ClassVar, Optional
 
-from luo_systemd import cgroups, errors, varlink
-from luo_systemd.broker import Broker, Caller, Problem
+from luo_systemd import authz, cgroups, errors, varlink
+from luo_systemd.api import Caller, Problem
+from luo_systemd.broker import Broker, when_free
 
 log = logging.getLogger("luod")
 
 MAX_FDS_PER_CALL = 64
+MAX_CONNECTIONS = 512  # in all; each costs luod two fds
+MAX_CONNECTIONS_PER_UID = 32  # one user cannot take the others' share
+ACCEPT_BACKOFF_SEC = 0.1  # after an accept error (EMFILE, ENFILE, ENOBUFS): the listener carries on
+NO_PIDFD = "the kernel gives no pidfd for this peer (SO_PEERPIDFD, Linux >= 6.5): only root is served"
 
 IDL = """\
 # Kernel live updates for systemd units: store named fds (memfds, LUO sessions) for a unit, get them back
@@ -64,15 +71,52 @@ SERVICE_INFO = {
 }
 
 
+async def send_reply(sock: socket.socket, doc: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """Sends on a non-blocking socket, waiting while the peer's buffer is full: a large reply is delivered
+    as the peer reads it, and a peer that never reads holds only its own connection."""
+    loop = asyncio.get_running_loop()
+    data, anc = varlink.encode(doc, fds)
+    while True:
+        try:
+            sent = sock.sendmsg([data], anc)  # the fds go with the first byte
+            break
+        except BlockingIOError:
+            writable = loop.create_future()
+            loop.add_writer(sock.fileno(), writable.set_result, None)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(sock.fileno())
+    await loop.sock_sendall(sock, data[sent:])
+
+
 def _unit(params: dict[str, Any]) -> str:
-    unit = params.get("unit") or ""
+    unit = params.get("unit")
+    if unit is None:
+        return ""
     if not isinstance(unit, str):
         raise errors.InvalidRequest("'unit' must be a string")
     return unit
 
 
+def _string(params: dict[str, Any], key: str) -> str:
+    value = params.get(key)
+    if not isinstance(value, str):
+        raise errors.InvalidRequest(f"'{key}' must be a string")
+    return value
+
+
+def _bool(params: dict[str, Any], key: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise errors.InvalidRequest(f"'{key}' must be true or false")
+    return value
+
+
 def _names(params: dict[str, Any], key: str = "names") -> list[str]:
-    value = params.get(key) or []
+    value = params.get(key)
+    if value is None:
+        return []
     if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
         raise errors.InvalidRequest(f"'{key}' must be an array of strings")
     return value
@@ -90,28 +134,55 @@ class VarlinkService:
         self.cgroup_root = cgroup_root
         self.before_preserve = before_preserve  # lets a kexec that systemd started arm the agent first
         self.connections: set[asyncio.Task[None]] = set()
+        self.per_uid: dict[int, int] = {}
 
     async def serve(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
         try:
             while True:
-                conn, _ = await loop.sock_accept(listener)
-                task = asyncio.ensure_future(self._connection(conn))
-                self.connections.add(task)
-                task.add_done_callback(self.connections.discard)
+                try:
+                    conn, _ = await loop.sock_accept(listener)
+                except OSError as e:  # out of fds or memory: those waiting are served once some are freed
+                    log.warning("Varlink: cannot accept a connection: %s", e)
+                    await asyncio.sleep(ACCEPT_BACKOFF_SEC)
+                    continue
+                self._admit(conn)
         finally:
             for task in list(self.connections):
                 task.cancel()
 
-    async def _connection(self, conn: socket.socket) -> None:
+    def _admit(self, conn: socket.socket) -> None:
+        try:
+            pid, uid, pidfd = cgroups.peer_credentials(conn)
+        except OSError:
+            conn.close()
+            return
+        if len(self.connections) >= MAX_CONNECTIONS or self.per_uid.get(uid, 0) >= MAX_CONNECTIONS_PER_UID:
+            log.warning("Varlink: refusing a connection of PID %d (uid %d): too many connections", pid, uid)
+            if pidfd is not None:
+                os.close(pidfd)
+            conn.close()
+            return
+        self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
+        task = asyncio.ensure_future(self._connection(conn, pid, uid, pidfd))
+        self.connections.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.connections.discard(t)
+            self.per_uid[uid] -= 1
+            if not self.per_uid[uid]:
+                del self.per_uid[uid]
+
+        task.add_done_callback(done)
+
+    async def _connection(self, conn: socket.socket, pid: int, uid: int, pidfd: Optional[int]) -> None:
         loop = asyncio.get_running_loop()
         reader = varlink.Reader()
         readable = asyncio.Event()
+        conn.setblocking(False)
         loop.add_reader(conn.fileno(), readable.set)
         try:
-            pid, uid, pidfd = cgroups.peer_credentials(conn)
-            conn.setblocking(False)
             while True:
                 msg = reader.next_message()
                 if msg is None:
@@ -124,18 +195,10 @@ class VarlinkService:
                         continue
                     continue
                 doc, fds = msg
-                if self.before_preserve is not None and doc.get("method") == f"{varlink.INTERFACE}.Preserve":
-                    await self.before_preserve()
-                reply, reply_fds = self._call(doc, fds, pid, uid, pidfd)
-                if doc.get("oneway"):
-                    varlink.close_all(reply_fds)
-                    continue
+                reply, reply_fds = await self._call(doc, fds, pid, uid, pidfd)
                 try:
-                    # Replies are small: a peer whose socket buffer is full is flooding us without reading.
-                    varlink.send_message(conn, reply, reply_fds)
-                except BlockingIOError:
-                    log.warning("Dropping Varlink client PID %d: it does not read its replies", pid)
-                    return
+                    if not doc.get("oneway"):
+                        await send_reply(conn, reply, reply_fds)
                 finally:
                     varlink.close_all(reply_fds)
         except OSError as e:
@@ -144,16 +207,20 @@ class VarlinkService:
             loop.remove_reader(conn.fileno())
             reader.close()
             conn.close()
-            if "pidfd" in locals() and pidfd is not None:
+            if pidfd is not None:
                 os.close(pidfd)
 
-    def _call(
-        self, doc: dict[str, Any], fds: list[int], pid: int, uid: int, pidfd: int | None
+    async def _call(
+        self, doc: dict[str, Any], fds: list[int], pid: int, uid: int, pidfd: Optional[int]
     ) -> tuple[dict[str, Any], list[int]]:
         """Runs one call; the received fds are always closed (the broker keeps dups of what it stores)."""
-        method = str(doc.get("method", ""))
-        params = doc.get("parameters") or {}
+        method = doc.get("method")
+        params = doc.get("parameters")
         try:
+            if not isinstance(method, str):
+                raise errors.InvalidRequest("'method' must be a string")
+            if params is None:
+                params = {}
             if not isinstance(params, dict):
                 raise errors.InvalidRequest("'parameters' must be an object")
             if len(fds) > MAX_FDS_PER_CALL:
@@ -168,8 +235,11 @@ class VarlinkService:
             handler = self.methods.get(method[len(varlink.INTERFACE) + 1 :])
             if handler is None:
                 return {"error": "org.varlink.service.MethodNotFound", "parameters": {"method": method}}, []
-            caller = Caller(uid=uid, pid=pid, unit=cgroups.unit_of_pid(pid, self.cgroup_root, pidfd))
-            out, out_fds = handler(self, caller, params, fds)
+            caller = authz.identify(uid, pid, pidfd, self.cgroup_root, NO_PIDFD)
+            if handler is VarlinkService.preserve and self.before_preserve is not None:
+                authz.authorize(caller, _unit(params))  # before any work: a stranger forks nothing
+                await self.before_preserve()
+            out, out_fds = await when_free(self.broker, lambda: handler(self, caller, params, fds))
             return {"parameters": out}, out_fds
         except errors.LuoError as e:
             return varlink.error_reply(e), []
@@ -184,7 +254,7 @@ class VarlinkService:
             return {"parameters": SERVICE_INFO}
         if method == "org.varlink.service.GetInterfaceDescription":
             if params.get("interface") != varlink.INTERFACE:
-                return {"error": "org.varlink.service.InterfaceNotFound", "parameters": params}
+                return {"error": "org.varlink.service.InterfaceNotFound", "parameters": {}}
             return {"parameters": {"description": IDL + "\n" + ERRORS_IDL}}
         return {"error": "org.varlink.service.MethodNotFound", "parameters": {"method": method}}
 
@@ -202,13 +272,10 @@ class VarlinkService:
         return {}, []
 
     def list_fds(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        return {"fds": self.broker.list_fds(caller, _unit(p))}, []
+        return {"fds": [dataclasses.asdict(f) for f in self.broker.list_fds(caller, _unit(p))]}, []
 
     def retrieve(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        got = self.broker.retrieve(caller, _unit(p), _names(p))
-        if len(got) > varlink.MAX_FDS:
-            varlink.close_all([fd for _, fd in got])
-            raise errors.LimitExceeded(f"more than {varlink.MAX_FDS} fds: ask by name")
+        got = self.broker.retrieve(caller, _unit(p), _names(p), varlink.MAX_FDS)
         return {"names": [n for n, _ in got]}, [fd for _, fd in got]
 
     def finish(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
@@ -218,26 +285,26 @@ class VarlinkService:
         return {"preserved": self.broker.preserve(caller, _unit(p))}, []
 
     def create_session(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        return {}, [self.broker.create_session(caller, _unit(p), str(p.get("name", "")))]
+        return {}, [self.broker.create_session(caller, _unit(p), _string(p, "name"))]
 
     def retrieve_session(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        return {}, [self.broker.retrieve_session(caller, _unit(p), str(p.get("name", "")))]
+        return {}, [self.broker.retrieve_session(caller, _unit(p), _string(p, "name"))]
 
     def status(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        return self.broker.status(), []
+        return dataclasses.asdict(self.broker.status(caller)), []
 
     def preflight(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        return _problems(self.broker.preflight()), []
+        return _problems(self.broker.preflight(caller)), []
 
     def arm(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        return _problems(self.broker.arm(caller, force=bool(p.get("force")))), []
+        return _problems(self.broker.arm(caller, force=_bool(p, "force"))), []
 
     def cancel(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
         self.broker.cancel(caller)
         return {}, []
 
     def discard(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-        self.broker.discard(caller, str(p.get("unit", "")))
+        self.broker.discard(caller, _string(p, "unit"))
         return {}, []
 
     Method = Callable[["VarlinkService", Caller, dict[str, Any], list[int]], tuple[dict[str, Any], list[int]]]

@@ -365,3 +365,20 @@ def test_get_name_of_a_non_session(backend: Backend) -> None:
     fd = memfd("not-a-session")
     assert not backend.is_session(fd)
     os.close(fd)
+
+
+def test_an_o_path_fd_is_not_preserved_a_read_only_reopen_is(backend: Backend) -> None:
+    """Rule: an O_PATH fd of a memfd is not a file the kernel's fget() sees (EBADF), so luod's Store
+    refuses it up front; a memfd reopened read-only through /proc is preserved like the memfd (seen on
+    7.2.13 in the qemu tier; issue 11 had assumed otherwise from the emulator)."""
+    session = new_session(backend, b"rules-reopened")
+    fd = memfd("reopened", pattern("reopened", PAGE))
+    o_path = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+    read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        expect(errno.EBADF, errors.InvalidArgument, lambda: backend.preserve_fd(session, o_path, 1))
+        backend.preserve_fd(session, read_only, 2)
+        expect(errno.EBUSY, errors.AlreadyPreserved, lambda: backend.preserve_fd(session, fd, 3))  # one inode
+    finally:
+        for f in (o_path, read_only, fd, session):
+            os.close(f)

@@ -1,0 +1,46 @@
+"""Where permissions are checked: who a caller is, and what it may act on.
+
+A caller acts on its own unit; root acts on any unit and alone controls live updates.  The caller's unit
+comes from its cgroup, read through a pidfd that pins the process (``cgroups.unit_of_pidfd``); a peer for
+which no pidfd can be had (a bus daemon without ProcessFD, a kernel before 6.5) is trusted for its uid
+only: root may still name units, anyone else is refused.  Every method authorizes before any other work.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from luo_systemd import cgroups, names
+from luo_systemd.api import Caller
+from luo_systemd.errors import AccessDenied
+
+
+def identify(uid: int, pid: int, pidfd: Optional[int], cgroup_root: str, no_pidfd_reason: str) -> Caller:
+    """The caller behind a connection: its unit is read through ``pidfd``; never looked up by PID."""
+    if pidfd is None:
+        return Caller(uid=uid, pid=pid, unit=None, unverified=no_pidfd_reason)
+    return Caller(uid=uid, pid=pid, unit=cgroups.unit_of_pidfd(pidfd, cgroup_root))
+
+
+def authorize(caller: Caller, unit: str) -> str:
+    """The unit a caller acts on: its own (``unit`` empty or equal), or any unit if it is root."""
+    if caller.unverified and not caller.is_root:
+        raise AccessDenied(f"{caller.describe()}: {caller.unverified}")
+    if not unit:
+        if caller.unit is None:
+            raise AccessDenied(f"{caller.describe()} is not part of a unit; name the unit explicitly")
+        return caller.unit
+    names.check_unit_name(unit)
+    if unit != caller.unit and not caller.is_root:
+        raise AccessDenied(f"{caller.describe()} may act only on its own unit, not on {unit}")
+    return unit
+
+
+def require_root(caller: Caller, what: str) -> None:
+    if not caller.is_root:
+        raise AccessDenied(f"{what} is for root only; {caller.describe()} is not root")
+
+
+def sees_unit(caller: Caller, unit: str) -> bool:
+    """Whether a caller may see a unit's name and status: root sees all, others their own unit."""
+    return caller.is_root or (not caller.unverified and caller.unit == unit)
