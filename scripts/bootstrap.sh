@@ -1,8 +1,16 @@
 #!/bin/bash
-# Installs what the project needs on a fresh Debian machine (12 "bookworm" or newer) and builds ./.venv.
-# Idempotent: a second run only checks. Needs root for apt-get.
+# scripts/bootstrap.sh [--test]
+# Installs what the project needs on a fresh Debian machine (12 "bookworm" or newer) and builds ./.venv with
+# the package; --test adds the test tools (pytest, ruff, mypy, docutils: the "test" extra), which the demo
+# does not use.  Idempotent: a second run only checks. Needs root for apt-get.  Progress goes to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+extra=
+case "${1:-}" in
+    --test) extra=test ;;
+    "") ;;
+    *) echo "usage: scripts/bootstrap.sh [--test]" >&2; exit 2 ;;
+esac
 
 apt_packages=(python3-venv python3-dev pkg-config gcc dbus debootstrap)
 
@@ -20,19 +28,21 @@ done
 [ "$(dpkg-query -W -f '${Version}' systemd-container 2>/dev/null || true)" = "$systemd_version" ] ||
     missing+=("systemd-container=$systemd_version")
 if [ ${#missing[@]} -gt 0 ]; then
-    echo "bootstrap: installing ${missing[*]}"
+    echo "bootstrap: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -qq >&2
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # Debian's interpreter: the one the packages and the root file systems use, with its headers.
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
 fi
+# pip's downloads and wheels are cached with everything else the project builds (see README, Tests).
+export PIP_CACHE_DIR=${LUO_CACHE:-/var/cache/luo-systemd}/pip
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
-if [ ! -e "$stamp" ]; then
-    .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[test]'
-    touch "$stamp"
+if [ ! -e "$stamp-test" ] && [ ! -e "$stamp${extra:+-$extra}" ]; then
+    .venv/bin/pip install -q --upgrade pip >&2
+    .venv/bin/pip install -q -e ".${extra:+[$extra]}" >&2
+    touch "$stamp${extra:+-$extra}"
 fi

@@ -15,5 +15,5 @@ case "${1:-}" in
     *) echo "usage: $0 [vm]" >&2; exit 2 ;;
 esac
 scripts/bootstrap.sh
-mapfile -t debs < <(packaging/build-deb.sh)
+mapfile -t debs < <(packaging/build-deb.sh --no-lintian)
 exec .venv/bin/python -m "$module" --suite "$suite" "${debs[@]}"

@@ -3,5 +3,5 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh -k emulator -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/bootstrap.sh
+scripts/bootstrap.sh --test
 exec .venv/bin/python -m pytest "$@"

@@ -1,6 +1,7 @@
-"""The distribution packages: the Debian ones built for real by packaging/build-deb.sh (cached in build/deb/:
-a rebuild only when the tree changed), their contents, dependencies and maintainer scripts; and the files that
-packaging/ keeps in step with the project (versions, man page lists, the documented default configuration)."""
+"""The distribution packages: the Debian ones built for real by packaging/build-deb.sh (cached in
+$LUO_CACHE/deb/: a rebuild only when the tree changed), their contents, dependencies and maintainer scripts;
+and the files that packaging/ keeps in step with the project (versions, man page lists, the documented default
+configuration)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ else:
 TOP = Path(__file__).resolve().parent.parent
 PACKAGING = TOP / "packaging"
 BUILD_DEB = PACKAGING / "build-deb.sh"
-OUT = TOP / "build" / "deb"
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 MAN_SOURCES = TOP / "docs" / "man"
 COMMANDS = ("luod", "liveupdatectl", "luo-hook", "luo-emu", "luo-qemu")
@@ -146,9 +146,11 @@ def debs() -> Iterator[dict[str, Deb]]:
     reason = cannot_build()
     if reason:
         pytest.skip(f"skipped because {reason}")
-    proc = subprocess.run([str(BUILD_DEB), str(OUT)], capture_output=True, text=True, timeout=1800, check=False)
+    proc = subprocess.run([str(BUILD_DEB)], capture_output=True, text=True, timeout=1800, check=False)
     assert proc.returncode == 0, f"packaging/build-deb.sh failed:\n{proc.stderr[-6000:]}"
-    paths = [Path(line) for line in proc.stdout.split()]
+    paths = [Path(line) for line in proc.stdout.splitlines()]
+    # Callers capture stdout with $(...): nothing but the paths may be there.
+    assert all(p.is_absolute() and p.suffix == ".deb" and p.is_file() for p in paths), proc.stdout
     yield {p.name.split("_")[0]: Deb(p) for p in paths}
 
 
@@ -157,7 +159,7 @@ def test_both_packages_are_built(debs: dict[str, Deb]) -> None:
 
 
 def test_lintian_reports_no_errors(debs: dict[str, Deb]) -> None:
-    report = (OUT / "lintian.txt").read_text()
+    report = (debs["luo-systemd"].path.parent / "lintian.txt").read_text()
     errors = [line for line in report.splitlines() if line.startswith("E: ")]
     assert not errors, report
     assert "unused-override" not in report, f"a lintian override no longer matches anything:\n{report}"

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -54,6 +55,27 @@ def run(script: str, *args: str) -> str:
     proc = subprocess.run([str(QEMU / script), *args], capture_output=True, text=True, timeout=3600, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
+
+
+def result_line(argv: list[str], env: Optional[dict[str, str]] = None) -> str:
+    """The one line a build script prints on stdout: callers capture it with $(...), so progress goes to stderr."""
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert re.fullmatch(r"[^\n]+\n", proc.stdout), f"stdout is more than the result:\n{proc.stdout}"
+    return proc.stdout.rstrip("\n")
+
+
+def test_sid_lists_fetched_on_first_use_stay_off_stdout(tmp_path: Path) -> None:
+    """As on a new machine: no sid lists yet, so `newest` fetches them first; only the name reaches stdout."""
+    env = {**os.environ, "LUO_CACHE": str(tmp_path)}
+    name = result_line([str(QEMU / "sid-apt.sh"), "newest", r"linux-source-7\.[0-9]+"], env)
+    assert re.fullmatch(r"linux-source-7\.\d+", name), name
+    assert list((tmp_path / "apt-sid" / "lists").glob("*_sid_*Packages*")), "this run fetched the lists"
+
+
+def test_build_kernel_prints_only_the_bzimage() -> None:
+    bz = Path(result_line([str(QEMU / "build-kernel.sh")]))
+    assert bz.name == "bzImage" and bz.is_file(), bz
 
 
 def test_kernel_selftests() -> None:

@@ -1,6 +1,6 @@
 """A real live update under systemd as PID 1: the LUO kernel booted in qemu (TCG) from a Debian disk image
-with the project's luo-systemd package installed; the demo service survives two real in-guest kexecs
-(liveupdatectl kexec, then plain systemctl kexec).  tests/qemu/run-systemd.sh does the work; see
+(systemd 252, 257 and 262) with the project's luo-systemd package installed; the demo service survives two real
+in-guest kexecs (liveupdatectl kexec, then plain systemctl kexec).  tests/qemu/run-systemd.sh does the work; see
 tests/qemu/README.md.
 """
 
@@ -42,6 +42,11 @@ def check_summary(out: str, native: bool) -> None:
 def test_live_update_bookworm() -> None:
     """systemd 252: luod carries the demo's memfd across both kexecs."""
     check_summary(run_systemd("bookworm"), native=False)
+
+
+def test_live_update_trixie() -> None:
+    """systemd 257 (Debian 13, RHEL 10): luod carries the demo's memfd across both kexecs."""
+    check_summary(run_systemd("trixie"), native=False)
 
 
 @pytest.mark.skipif(

@@ -90,9 +90,11 @@ fi
 # debootstrap builds the trees; systemd-container (systemd-nspawn) is what harness.py needs to boot
 # them. It must match the host's systemd version exactly, or apt would upgrade the whole systemd
 # stack: pin it (on Debian 12 the matching version may only be in the -security suite).
+# apt's output is progress: to stderr, like everything this script says.
+apt_get() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 "$@" >&2; }
 apt_install() {
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" && return 0
-    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"
+    apt_get install -y --no-install-recommends "$@" && return 0
+    apt_get update && apt_get install -y --no-install-recommends "$@"
 }
 if ! command -v debootstrap >/dev/null 2>&1; then
     log "installing debootstrap"

@@ -11,7 +11,7 @@
 #
 # Cache: $LUO_CACHE/qemu-systemd/images/SUITE-<key>.img, key = sha256 of the tree's stamp, the kernel, the
 # .deb, the guest files, the demo and this script.  Older images of the same suite are deleted.
-# The LAST line on stdout is the image path (raw ext4, used read-only: runs write to a qcow2 overlay).
+# stdout is only the image path (raw ext4, used read-only: runs write to a qcow2 overlay); progress goes to stderr.
 # Env: LUO_CACHE, LUO_IMAGE_SIZE (default 2G, sparse), LUO_DEMO_CACHE_MB (the demo's cache size, default 64).
 #
 # Safety: the chroot runs in a private mount + PID namespace with CAP_SYS_BOOT removed from the bounding and

@@ -11,7 +11,7 @@
 # $LUO_CACHE/src/ -> allnoconfig with the fragment in $OUT=$LUO_CACHE/build/<key> (key = hash of source
 # version + fragment content) -> verify every fragment option landed in .config -> make bzImage.
 # If $OUT/arch/x86/boot/bzImage already exists for the key, nothing is built.
-# Prints some progress on stderr; the LAST line on stdout on success is the bzImage path.
+# Progress goes to stderr; stdout is only the bzImage's path (one line), for callers' $(...).
 # Also writes $OUT/SOURCE_DIR (path of the unpacked tree) for run-selftests.sh.
 set -euo pipefail
 
@@ -36,8 +36,9 @@ done
 if ((${#missing[@]})); then
     log "installing host packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y --no-install-recommends "${missing[@]}" >&2 \
-        || { apt-get update >&2 && apt-get install -y --no-install-recommends "${missing[@]}" >&2; }
+    apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@" >&2; }
+    apt_get install -y --no-install-recommends "${missing[@]}" \
+        || { apt_get update && apt_get install -y --no-install-recommends "${missing[@]}"; }
 fi
 
 # --- one build at a time per cache dir ---------------------------------------------------------------
@@ -120,5 +121,4 @@ make -C "$SRC" ARCH=x86_64 O="$OUT" -j"$JOBS" bzImage > "$OUT/build.log" 2>&1 \
 touch "$OUT/.luo-build-ok"
 T1=$(date +%s)
 log "built $PKG $VERSION: make bzImage $((T1 - TB)) s, total (incl. fetch/unpack/config) $((T1 - T0)) s"
-echo "build time: $((T1 - T0)) s"
 echo "$BZ"

@@ -42,7 +42,7 @@ die() { echo "run-contract: ERROR: $*" >&2; exit 1; }
 case $COMPRESS in xz | zstd | none) ;; *) die "LUO_INITRD_COMPRESS must be xz, zstd or none" ;; esac
 
 # --- kernel (cached) ------------------------------------------------------------------------------
-BZ=$("$HERE/build-kernel.sh" ${LUO_KERNEL_FRAGMENT:+"$LUO_KERNEL_FRAGMENT"} | tail -n1)
+BZ=$("$HERE/build-kernel.sh" ${LUO_KERNEL_FRAGMENT:+"$LUO_KERNEL_FRAGMENT"})
 [[ -f $BZ ]] || die "build-kernel.sh did not yield a bzImage (got '$BZ')"
 OUT=$(cd "$(dirname "$BZ")/../../.." && pwd)
 if [[ $COMPRESS != none ]]; then

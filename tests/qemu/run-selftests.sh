@@ -33,7 +33,7 @@ for t in "${TESTS[@]}"; do
 done
 
 # --- kernel (cached) ------------------------------------------------------------------------------
-BZ=$("$HERE/build-kernel.sh" ${LUO_KERNEL_FRAGMENT:+"$LUO_KERNEL_FRAGMENT"} | tail -n1)
+BZ=$("$HERE/build-kernel.sh" ${LUO_KERNEL_FRAGMENT:+"$LUO_KERNEL_FRAGMENT"})
 [[ -f $BZ ]] || die "build-kernel.sh did not yield a bzImage (got '$BZ')"
 OUT=$(cd "$(dirname "$BZ")/../../.." && pwd)
 SRC=$(cat "$OUT/SOURCE_DIR")

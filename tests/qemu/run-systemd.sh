@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# run-systemd.sh [bookworm|sid|sid-qemu] — a real live update under systemd as PID 1, in qemu (TCG).
+# run-systemd.sh [bookworm|trixie|sid|sid-qemu] — a real live update under systemd as PID 1, in qemu (TCG).
 #
 # The test kernel (build-kernel.sh, cached) boots a Debian disk image (build-image.sh, cached: the nspawn
 # tier's debootstrap tree + the project's luo-systemd .deb + the demo + the in-guest driver guest/luotest)
@@ -32,13 +32,13 @@ die() { echo "run-systemd: ERROR: $*" >&2; exit 1; }
 now() { date +%s.%N; }
 since() { printf '%.1f' "$(echo "$(now) - $1" | bc)"; }
 
-case $SUITE in bookworm | sid | sid-qemu) ;; *) die "usage: run-systemd.sh [bookworm|sid|sid-qemu]" ;; esac
+case $SUITE in bookworm | trixie | sid | sid-qemu) ;; *) die "usage: run-systemd.sh [bookworm|trixie|sid|sid-qemu]" ;; esac
 [[ $(id -u) == 0 ]] || die "must run as root"
 [[ $(uname -m) == x86_64 ]] || die "x86_64 hosts only"
 
 # --- inputs (all cached) ------------------------------------------------------------------------------
 t=$(now)
-BZ=$("$HERE/build-kernel.sh" ${LUO_KERNEL_FRAGMENT:+"$LUO_KERNEL_FRAGMENT"} | tail -n1)
+BZ=$("$HERE/build-kernel.sh" ${LUO_KERNEL_FRAGMENT:+"$LUO_KERNEL_FRAGMENT"})
 [[ -f $BZ ]] || die "build-kernel.sh did not yield a bzImage (got '$BZ')"
 T_KERNEL=$(since "$t")
 t=$(now)
@@ -49,17 +49,17 @@ else
 fi
 T_ROOTFS=$(since "$t")
 t=$(now)
-DEBS=$("$REPO/packaging/build-deb.sh" "$CACHE/qemu-systemd/deb")
+DEBS=$("$REPO/packaging/build-deb.sh" --no-lintian)
 DEB=$(grep -E '/luo-systemd_[^/]*_all\.deb$' <<< "$DEBS" | tail -n1)
 [[ -f $DEB ]] || die "packaging/build-deb.sh did not yield luo-systemd_*.deb (got: $DEBS)"
 T_DEB=$(since "$t")
 t=$(now)
-IMG=$("$HERE/build-image.sh" "$SUITE" "$BZ" "$DEB" | tail -n1)
+IMG=$("$HERE/build-image.sh" "$SUITE" "$BZ" "$DEB")
 [[ -f $IMG ]] || die "build-image.sh did not yield an image (got '$IMG')"
 T_IMAGE=$(since "$t")
 command -v qemu-img > /dev/null || {
     log "installing qemu-utils (qemu-img)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-utils >&2
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends qemu-utils >&2
 }
 
 LOGDIR=$CACHE/logs/$(date +%Y%m%d-%H%M%S)-systemd-$SUITE

@@ -12,6 +12,9 @@
 #   sid-apt.sh apt-cache ARGS...           run apt-cache against the sid lists (e.g. `search`, `policy`, `show`)
 #   sid-apt.sh newest REGEX                print the newest package name matching ^REGEX$ (version-sorted)
 #
+# stdout carries only the result (`newest`, `apt-cache`): apt-get's progress goes to stderr, so callers can
+# capture it with $(...) even on the first run, when the lists are fetched.
+#
 # The Debian mirror is taken from the host's own sources (/etc/apt/sources.list.d/*.sources or
 # sources.list); override with SID_MIRROR=URL. The archive key defaults to
 # /usr/share/keyrings/debian-archive-keyring.gpg (override: SID_KEYRING=FILE).
@@ -67,12 +70,13 @@ setup() {
         -o APT::Architectures::=amd64
         -o Acquire::Languages=none
         -o APT::Get::List-Cleanup=true
+        -o DPkg::Lock::Timeout=600
     )
 }
 
 have_lists() { compgen -G "$BASE/lists/*_sid_*Packages*" >/dev/null; }
 
-do_update() { apt-get "${APT_OPTS[@]}" -q update; }
+do_update() { apt-get "${APT_OPTS[@]}" -q update >&2; }
 
 cmd=${1:-}; [[ -n $cmd ]] || die "usage: sid-apt.sh {update|download DESTDIR PKG...|apt-cache ARGS...|newest REGEX}"
 shift
@@ -88,7 +92,7 @@ case $cmd in
         dest=$(cd "$dest" && pwd)
         # apt-get download writes into the current directory; run it in a subshell there.
         # (_apt sandbox user may not be able to write DESTDIR; download as root into it.)
-        ( cd "$dest" && apt-get "${APT_OPTS[@]}" -o APT::Sandbox::User=root -q download "$@" ) ;;
+        ( cd "$dest" && apt-get "${APT_OPTS[@]}" -o APT::Sandbox::User=root -q download "$@" ) >&2 ;;
     apt-cache)
         have_lists || do_update
         apt-cache "${APT_OPTS[@]}" "$@" ;;
