@@ -12,11 +12,13 @@ case "${1:-}" in
     *) echo "usage: scripts/bootstrap.sh [--test]" >&2; exit 2 ;;
 esac
 
-apt_packages=(python3-venv python3-dev pkg-config gcc dbus debootstrap)
+apt_packages=(python3-venv python3-dev pkg-config gcc debootstrap)
+# dbus-daemon: the tests' private buses (tests/harness.py); the demo's containers bring their own.
+[ -z "$extra" ] || apt_packages+=(dbus)
 
 # Packages built from the systemd source must match the installed systemd exactly, or apt upgrades the
 # host's whole systemd stack: libsystemd-dev (systemd-python compiles against it) and systemd-container
-# (systemd-nspawn, for the end-to-end tests).
+# (systemd-nspawn, for the demo and the end-to-end tests).
 libsystemd_version=$(dpkg-query -W -f '${Version}' libsystemd0)
 systemd_version=$(dpkg-query -W -f '${Version}' systemd)
 missing=()

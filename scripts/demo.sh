@@ -1,6 +1,7 @@
 #!/bin/bash
 # The main job: a full live update of a real systemd service on the emulator, with the outcome shown.
-# Sets up everything (scripts/bootstrap.sh), builds the project's Debian packages, a Debian root file system
+# Sets up only what it uses (scripts/bootstrap.sh without the test tools), builds the project's Debian packages
+# (without lintian, a packaging check for the tests), a Debian root file system
 # (bookworm: systemd 252; SUITE=trixie or SUITE=sid for 257 or 262), boots it with systemd-nspawn, and runs
 # demo/luo-demo-cache through "liveupdatectl kexec" (see tests/nspawn/live_update.py).  Needs root.
 #

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The test command: sets up everything (scripts/bootstrap.sh) and runs the whole default test suite.
+# The test command: sets up everything (scripts/bootstrap.sh --test) and runs the whole default test suite.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k emulator -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
