@@ -14,7 +14,7 @@
 #   ./debian there; the project tree itself is never written to (except OUTDIR).
 # * Cached: OUTDIR/.inputs.sha256 holds a hash of the copied tree (names, modes, contents) and of the build
 #   tools' versions; when it matches and the .debs are there, nothing is built (--force builds anyway).
-#   Likewise OUTDIR/.lintian.sha256 (that hash and lintian's version) says lintian already passed them.
+#   Likewise OUTDIR/.lintian-passed (that hash and lintian's version) says lintian already passed them.
 # * Missing build dependencies (packaging/debian/control) and lintian (when it runs) are installed with
 #   apt-get --no-install-recommends; the script refuses if that would install or upgrade any part of systemd.
 # * Also builds the source package (3.0 (native)), only so that lintian checks debian/ itself.
