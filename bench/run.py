@@ -1,101 +1,324 @@
-"""Benchmarks: the per-unit hook and the generator against a bare interpreter start, measured in the same run.
+"""The one benchmark: every blackout-path figure as a ratio measured in the same run.  See README "Benchmarks".
 
-    .venv/bin/python bench/run.py [--runs N]
+    .venv/bin/python bench/run.py [--pairs 15] [--fds 100,1000,10000]
 
-Prints the median wall time of each command and its ratio to ``python3 -I -S -c pass`` (the floor for any
-Python program), plus the emulator's memory while it holds a 1 GiB memfd.  Nothing here asserts: the figures
-are for people to read and compare between changes.
+Per-unit and per-boot commands (luo-hook in every verb, the generator, luod exec -> READY=1) are timed in
+alternating pairs with ``python3 -I -S -c pass`` (the floor for any Python program); each figure is the median
+of the per-pair ratios.  Preserve and restore through luod (10 memfds per unit) are timed against the same
+create_session/preserve_fd and retrieve_session/retrieve_fd/finish calls made directly on the emulator, at each
+fd count.  Last, memory: luod idle and holding the most fds, luo-emu holding 1 MiB and 1 GiB.  Nothing here
+asserts: the figures are for people to compare between changes.  Needs root (cgroups, like the tests).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 TOP = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path[:0] = [str(TOP)]
 
+from tests.harness import Agent, Emulator, NotifySink, UnitTree  # noqa: E402
 
-def median_ms(argv: list[str], runs: int, env: dict[str, str] | None = None) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+BASELINE = ["/usr/bin/python3", "-I", "-S", "-c", "pass"]
+FDS_PER_UNIT = 10
+MiB = 1 << 20
 
 
-def generator_units(directory: Path, count: int) -> None:
+def wall_ms(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return (time.perf_counter() - start) * 1000
+
+
+def run(argv: list[str], env: Optional[dict[str, str]] = None) -> None:
+    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def paired(action: Callable[[], object], pairs: int) -> tuple[float, float]:
+    """Median ms of ``action`` and the median of its per-pair ratio to the bare interpreter."""
+    times, ratios = [], []
+    for _ in range(pairs):
+        base = wall_ms(lambda: run(BASELINE))
+        ms = wall_ms(action)
+        times.append(ms)
+        ratios.append(ms / base)
+    return statistics.median(times), statistics.median(ratios)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def memfds(count: int, size: int = 4096) -> list[int]:
+    fds = []
     for i in range(count):
-        section = "[X-LiveUpdate]\nFileDescriptorNames=cache\n" if i % 4 == 0 else ""
-        (directory / f"unit{i}.service").write_text(f"[Service]\nExecStart=/bin/true\n{section}")
+        fd = os.memfd_create(f"m{i}", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        fds.append(fd)
+    return fds
 
 
-def emulator_rss() -> str:
-    from tests.harness import Emulator  # noqa: PLC0415 - only for this figure
-    from tests.test_emulator import GiB, rss_kib  # noqa: PLC0415
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        emu = Emulator(Path(tmp))
+
+class Bed:
+    """An emulator and a real luod with ``max_fds`` allowed, in a private cgroup tree."""
+
+    def __init__(self, directory: Path, max_fds: int = 4096) -> None:
+        self.emulator = Emulator(directory)
+        self.tree = UnitTree(f"luo-bench-{os.getpid()}")
+        self.agent = Agent(directory, self.emulator, None, self.tree)
+        with self.agent.config.open("a") as f:
+            f.write(f"max_fds_total = {max_fds}\n")
+
+    def units(self, count: int) -> list[str]:
+        names = [f"u{i}.service" for i in range(count)]
+        for name in names:
+            self.agent.opt_in(name, f"[X-LiveUpdate]\nFileDescriptorMax={FDS_PER_UNIT}\n")
+        return names
+
+    def store(self, units: list[str]) -> None:
+        for unit in units:
+            fds = memfds(FDS_PER_UNIT)
+            self.agent.call("Store", {"unit": unit, "names": [f"f{i}" for i in range(FDS_PER_UNIT)]}, fds)
+            close_all(fds)
+
+    def preserve(self, units: list[str]) -> None:
+        self.emulator.load()
+        self.agent.call("Arm")
+        for unit in units:
+            self.agent.call("Preserve", {"unit": unit})
+
+    def restart(self) -> None:
+        self.emulator.kexec()
+        self.agent.stop()
+        self.agent.start()
+
+    def restore(self, units: list[str]) -> None:
+        for unit in units:
+            close_all(self.agent.call("Retrieve", {"unit": unit})[1])
+            self.agent.call("Finish", {"unit": unit})
+
+    def close(self) -> None:
+        self.agent.cleanup()
+        self.tree.cleanup()
+        self.emulator.stop()
+
+
+def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
+    hook = str(BIN / "luo-hook")
+    env = {k: v for k, v in os.environ.items() if k not in ("LIVEUPDATE_RESTORED", "NOTIFY_SOCKET")}
+    rows = [("luo-hook start, ordinary start", *paired(lambda: run([hook, "start", "x.service"], env), pairs))]
+    bed = Bed(directory)
+    try:
+        bed.agent.opt_in("x.service", "[X-LiveUpdate]\n")
+        bed.agent.start()
+        luod = dict(env, LUOD_SOCKET=bed.agent.varlink)
+        rows.append(
+            (
+                "luo-hook stop, luod running, nothing to do",
+                *paired(lambda: run([hook, "stop", "x.service"], luod), pairs),
+            )
+        )
+        fds = memfds(4)
+        bed.agent.call("Store", {"unit": "x.service", "names": ["a", "b", "c", "d"]}, fds)
+        close_all(fds)
+        bed.preserve(["x.service"])
+        bed.restart()
+        sink = NotifySink(directory / "hook-notify.sock")
+        restored = dict(luod, LIVEUPDATE_RESTORED="1", NOTIFY_SOCKET=str(sink.path))
         try:
-            before = rss_kib(emu.proc.pid)
-            fd = os.memfd_create("gib", os.MFD_CLOEXEC)
-            os.ftruncate(fd, GiB)
-            with emu.backend.device() as dev:
-                session = dev.create_session(b"bench")
-            emu.backend.preserve_fd(session, fd, 1)
-            after = rss_kib(emu.proc.pid)
-            os.close(fd)
-            os.close(session)
+            rows.append(
+                (
+                    "luo-hook start, 4 restored memfds",
+                    *paired(lambda: run([hook, "start", "x.service"], restored), pairs),
+                )
+            )
         finally:
-            emu.stop()
-    return f"luo-emu VmRSS {before} KiB idle, {after} KiB holding a 1 GiB memfd (+{after - before} KiB)"
+            sink.close()
+    finally:
+        bed.close()
+    return rows
+
+
+def generator_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
+    rows = []
+    for count in (100, 1000, 3000):
+        units, out = directory / f"units{count}", directory / f"out{count}"
+        units.mkdir()
+        out.mkdir()
+        for i in range(count):
+            section = "[X-LiveUpdate]\nFileDescriptorNames=cache\n" if i % 10 == 0 else ""
+            text = f"[Unit]\nDescription=unit {i}\n\n[Service]\nExecStart=/bin/true\n{section}"
+            (units / f"unit{i}.service").write_text(text)
+        gen = [sys.executable, str(TOP / "generators" / "luo-systemd-generator"), str(out), str(out), str(out)]
+        env = dict(os.environ, SYSTEMD_UNIT_PATH=str(units))
+        ms, ratio = paired(lambda: run(gen, env), pairs)
+        rows.append((f"generator, {count} units ({count // 10} opted in)", ms, ratio))
+    return rows
+
+
+def timed_start(bed: Bed, before: Callable[[], object], pairs: int) -> tuple[float, float]:
+    """luod exec -> READY=1 (``before`` runs untimed ahead of each start), paired with the bare interpreter."""
+    times, ratios = [], []
+    for _ in range(pairs):
+        before()
+        bed.agent.stop()
+        base = wall_ms(lambda: run(BASELINE))
+        ms = wall_ms(bed.agent.start)
+        times.append(ms)
+        ratios.append(ms / base)
+    return statistics.median(times), statistics.median(ratios)
+
+
+def ready_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
+    bed = Bed(directory)
+    try:
+        bed.agent.start()
+        rows = [("luod exec -> READY=1, empty", *timed_start(bed, lambda: None, pairs))]
+        units = bed.units(10)
+        bed.store(units)
+
+        restored = []
+
+        def live_update() -> None:
+            if restored:  # the previous start's restore: Retrieve and Finish make the fds stored again
+                bed.restore(units)
+            bed.preserve(units)
+            bed.emulator.kexec()
+            restored.append(True)
+
+        ms, ratio = timed_start(bed, live_update, pairs)
+        bed.restore(units)
+        rows.append(("luod exec -> READY=1, restoring 10 units x 10 memfds", ms, ratio))
+        return rows
+    finally:
+        bed.close()
+
+
+def raw_figures(emulator: Emulator, units: int) -> tuple[float, float]:
+    """ms of the device operations alone: preserve (create_session, preserve_fd) and restore after the kexec
+    (retrieve_session, retrieve_fd, finish) of ``units`` x 10 memfds."""
+    backend = emulator.backend
+    fds = memfds(units * FDS_PER_UNIT)
+    emulator.load()
+    sessions = []
+    with backend.device() as dev:
+        start = time.perf_counter()
+        for u in range(units):
+            session = dev.create_session(f"raw{u}".encode())
+            for i in range(FDS_PER_UNIT):
+                backend.preserve_fd(session, fds[u * FDS_PER_UNIT + i], i + 1)
+            sessions.append(session)
+        preserve = time.perf_counter() - start
+    close_all(fds)
+    emulator.kexec()  # a session lives while its fd is open: closed after the kexec
+    close_all(sessions)
+    with backend.device() as dev:
+        start = time.perf_counter()
+        for u in range(units):
+            session = dev.retrieve_session(f"raw{u}".encode())
+            close_all([backend.retrieve_fd(session, i + 1) for i in range(FDS_PER_UNIT)])
+            backend.finish(session)
+            os.close(session)
+        restore = time.perf_counter() - start
+    return preserve * 1000, restore * 1000
+
+
+def scale_figures(directory: Path, fds: int) -> tuple[list[tuple[str, float, float, float]], Optional[str]]:
+    """Preserve and restore of ``fds`` memfds through luod against the raw device operations; luod's RSS."""
+    count = fds // FDS_PER_UNIT
+    bed = Bed(directory, max_fds=fds)
+    try:
+        raw_preserve, raw_restore = raw_figures(bed.emulator, count)
+        bed.agent.start()
+        assert bed.agent.proc is not None
+        idle = rss_kib(bed.agent.proc.pid)
+        units = bed.units(count)
+        bed.store(units)
+        holding = rss_kib(bed.agent.proc.pid)
+        preserve = wall_ms(lambda: bed.preserve(units))
+        bed.emulator.kexec()
+        bed.agent.stop()
+        restore = wall_ms(bed.agent.start) + wall_ms(lambda: bed.restore(units))
+        rows = [
+            (f"preserve (Arm + Preserve), {fds} fds", preserve, preserve / fds, preserve / raw_preserve),
+            (f"restore (start, Retrieve, Finish), {fds} fds", restore, restore / fds, restore / raw_restore),
+        ]
+        return rows, f"luod VmRSS {idle} KiB idle, {holding} KiB holding {fds} fds"
+    finally:
+        bed.close()
+
+
+def emulator_memory(directory: Path) -> str:
+    emu = Emulator(directory)
+    try:
+        idle = rss_kib(emu.proc.pid)
+        figures = []
+        for size in (MiB, 1024 * MiB):
+            fd = os.memfd_create("big", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+            with emu.backend.device() as dev:
+                session = dev.create_session(f"mem{size}".encode())
+            emu.backend.preserve_fd(session, fd, 1)
+            figures.append(f"{rss_kib(emu.proc.pid) - idle} KiB more holding {size // MiB} MiB")
+            close_all([fd, session])
+    finally:
+        emu.stop()
+    return f"luo-emu VmRSS {idle} KiB idle; " + ", ".join(figures)
+
+
+def table(title: str, rows: list[tuple[str, float, float]]) -> None:
+    width = max(len(r[0]) for r in rows)
+    print(f"{title:<{width}}  median ms  x python3 -I -S")
+    for name, ms, ratio in rows:
+        print(f"{name:<{width}}  {ms:9.1f}  {ratio:9.2f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--pairs", type=int, default=15, help="alternating pairs per command figure")
+    parser.add_argument("--fds", default="100,1000,10000", help="fd counts for preserve and restore")
     args = parser.parse_args()
-    env = {k: v for k, v in os.environ.items() if k != "LIVEUPDATE_RESTORED"}
-    baseline = median_ms(["/usr/bin/python3", "-I", "-S", "-c", "pass"], args.runs)
-    rows = [("python3 -I -S -c pass (baseline)", baseline)]
-    rows.append(("python3 -c pass", median_ms(["/usr/bin/python3", "-c", "pass"], args.runs)))
-    rows.append(
-        (
-            "luo-hook start (unit not live-updated)",
-            median_ms([str(BIN / "luo-hook"), "start", "x.service"], args.runs, env),
-        )
-    )
-    rows.append(
-        (
-            "luo-hook stop (luod not running)",
-            median_ms([str(BIN / "luo-hook"), "stop", "x.service"], args.runs, dict(env, LUOD_SOCKET="/nonexistent")),
-        )
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        units, out = Path(tmp, "units"), Path(tmp, "out")
-        units.mkdir()
-        out.mkdir()
-        generator_units(units, 200)
-        gen = [sys.executable, str(TOP / "generators" / "luo-systemd-generator"), str(out), str(out), str(out)]
-        rows.append(
-            (
-                "luo-systemd-generator, 200 units (50 opted in)",
-                median_ms(gen, args.runs, dict(os.environ, SYSTEMD_UNIT_PATH=str(units))),
-            )
-        )
-    width = max(len(name) for name, _ in rows)
-    print(f"{'command':<{width}}  median ms  x baseline   ({args.runs} runs each)")
-    for name, ms in rows:
-        print(f"{name:<{width}}  {ms:9.1f}  {ms / baseline:9.2f}")
-    print(emulator_rss())
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the raw figures hold every memfd at once
+    with tempfile.TemporaryDirectory(prefix="luo-bench-") as tmp:
+        top = Path(tmp)
+
+        def fresh(name: str) -> Path:
+            (top / name).mkdir()
+            return top / name
+
+        rows = hook_figures(fresh("hook"), args.pairs)
+        rows += generator_figures(fresh("gen"), args.pairs)
+        rows += ready_figures(fresh("ready"), args.pairs)
+        table(f"command ({args.pairs} pairs)", rows)
+        scale: list[tuple[str, float, float, float]] = []
+        memory = []
+        for fds in (int(n) for n in args.fds.split(",")):
+            figures, rss = scale_figures(fresh(f"scale{fds}"), fds)
+            scale += figures
+            memory.append(rss)
+        width = max(len(r[0]) for r in scale)
+        print(f"\n{'through luod':<{width}}   total ms  ms per fd  x raw device ops")
+        for name, ms, per_fd, ratio in scale:
+            print(f"{name:<{width}}  {ms:9.1f}  {per_fd:9.3f}  {ratio:9.2f}")
+        print()
+        for line in [*memory, emulator_memory(fresh("emu"))]:
+            print(line)
     return 0
 
 
