@@ -13,6 +13,7 @@ asserts: the figures are for people to compare between changes.  Needs root (cgr
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import statistics
@@ -48,7 +49,7 @@ def paired(action: Callable[[], object], pairs: int) -> tuple[float, float]:
     """Median ms of ``action`` and the median of its per-pair ratio to the bare interpreter."""
     times, ratios = [], []
     for _ in range(pairs):
-        base = wall_ms(lambda: run(BASELINE))
+        base = wall_ms(functools.partial(run, BASELINE))
         ms = wall_ms(action)
         times.append(ms)
         ratios.append(ms / base)
@@ -121,7 +122,9 @@ class Bed:
 def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
     hook = str(BIN / "luo-hook")
     env = {k: v for k, v in os.environ.items() if k not in ("LIVEUPDATE_RESTORED", "NOTIFY_SOCKET")}
-    rows = [("luo-hook start, ordinary start", *paired(lambda: run([hook, "start", "x.service"], env), pairs))]
+    rows = [
+        ("luo-hook start, ordinary start", *paired(functools.partial(run, [hook, "start", "x.service"], env), pairs))
+    ]
     bed = Bed(directory)
     try:
         bed.agent.opt_in("x.service", "[X-LiveUpdate]\n")
@@ -130,7 +133,7 @@ def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
         rows.append(
             (
                 "luo-hook stop, luod running, nothing to do",
-                *paired(lambda: run([hook, "stop", "x.service"], luod), pairs),
+                *paired(functools.partial(run, [hook, "stop", "x.service"], luod), pairs),
             )
         )
         fds = memfds(4)
@@ -144,7 +147,7 @@ def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
             rows.append(
                 (
                     "luo-hook start, 4 restored memfds",
-                    *paired(lambda: run([hook, "start", "x.service"], restored), pairs),
+                    *paired(functools.partial(run, [hook, "start", "x.service"], restored), pairs),
                 )
             )
         finally:
@@ -166,7 +169,7 @@ def generator_figures(directory: Path, pairs: int) -> list[tuple[str, float, flo
             (units / f"unit{i}.service").write_text(text)
         gen = [sys.executable, str(TOP / "generators" / "luo-systemd-generator"), str(out), str(out), str(out)]
         env = dict(os.environ, SYSTEMD_UNIT_PATH=str(units))
-        ms, ratio = paired(lambda: run(gen, env), pairs)
+        ms, ratio = paired(functools.partial(run, gen, env), pairs)
         rows.append((f"generator, {count} units ({count // 10} opted in)", ms, ratio))
     return rows
 
@@ -177,7 +180,7 @@ def timed_start(bed: Bed, before: Callable[[], object], pairs: int) -> tuple[flo
     for _ in range(pairs):
         before()
         bed.agent.stop()
-        base = wall_ms(lambda: run(BASELINE))
+        base = wall_ms(functools.partial(run, BASELINE))
         ms = wall_ms(bed.agent.start)
         times.append(ms)
         ratios.append(ms / base)
@@ -192,7 +195,7 @@ def ready_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]
         units = bed.units(10)
         bed.store(units)
 
-        restored = []
+        restored: list[bool] = []
 
         def live_update() -> None:
             if restored:  # the previous start's restore: Retrieve and Finish make the fds stored again

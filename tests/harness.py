@@ -200,6 +200,7 @@ class NotifySink:
         self.sock.bind(str(path))
         self.messages: list[str] = []
         self.ready = threading.Event()
+        self.on_bus = threading.Event()  # luod joins D-Bus after READY=1 and says so in STATUS=
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -223,6 +224,8 @@ class NotifySink:
             self.messages.append(data.decode())
             if "READY=1" in data.decode().split("\n"):
                 self.ready.set()
+            if "on the bus as" in fields.get("STATUS", ""):
+                self.on_bus.set()
 
     def close(self) -> None:
         """Ends after the messages already sent (a killed luod's last ones too) are handled."""
@@ -306,7 +309,7 @@ class Agent:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, pass_fds=[fd for _, fd in kept])
         if not wait:
             return
-        if not self.notify.ready.wait(READY_TIMEOUT):
+        if not self.notify.ready.wait(READY_TIMEOUT) or (self.bus and not self.notify.on_bus.wait(READY_TIMEOUT)):
             self.proc.kill()
             raise RuntimeError(f"luod did not become ready; log:\n{self.log.read_text()}")
 

@@ -1,8 +1,9 @@
 """luod: the live-update agent.  Wires configuration, the LUO backend, the broker and the two interfaces.
 
 Start-up order matters: first the fds the service manager kept for us (a restart after a crash), else the
-sessions the previous kernel carried (the first start after a live update); only then are the
-interfaces opened and READY=1 sent.  See luod(8).
+sessions the previous kernel carried (the first start after a live update); only then is the Varlink
+interface opened and READY=1 sent.  D-Bus joins after READY=1: no opted-in unit waits for the bus.
+See luod(8).
 """
 
 from __future__ import annotations
@@ -59,7 +60,24 @@ def notify(message: str) -> None:
 
 
 def policy_reader(policy_dir: str) -> Callable[[str], Optional[Policy]]:
-    """Reads a unit's [X-LiveUpdate] as the generator normalized it (a template's applies to instances)."""
+    """Reads a unit's [X-LiveUpdate] as the generator normalized it (a template's applies to instances).
+    The broker asks for every unit it carries whenever it writes the manifest: a file is parsed again only
+    when its stat changed (the generator rewrites it on daemon-reload)."""
+    parsed: dict[str, tuple[tuple[int, int, int], Optional[Policy], bool]] = {}  # path -> stamp, policy, valid
+
+    def read(path: str) -> tuple[Optional[Policy], bool]:
+        st = os.stat(path)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = parsed.get(path)
+        if cached is None or cached[0] != stamp:
+            try:
+                with open(path) as f:
+                    cached = (stamp, parse_policy([f.read()]), True)
+            except LuoError as e:
+                log.error("Ignoring %s: %s", path, e)
+                cached = (stamp, None, False)
+            parsed[path] = cached
+        return cached[1], cached[2]
 
     def policy_of(unit: str) -> Optional[Policy]:
         for name in (unit, names.template_of(unit)):
@@ -67,12 +85,12 @@ def policy_reader(policy_dir: str) -> Callable[[str], Optional[Policy]]:
                 continue
             path = os.path.join(policy_dir, name + ".d", DROPIN)
             try:
-                with open(path) as f:
-                    return parse_policy([f.read()])
+                policy, valid = read(path)
             except FileNotFoundError:
+                parsed.pop(path, None)
                 continue
-            except LuoError as e:
-                log.error("Ignoring %s: %s", path, e)
+            if valid:
+                return policy
         return None
 
     return policy_of
@@ -159,12 +177,13 @@ async def run(cfg: config.Config) -> int:
     if isinstance(store, NoFdStore):
         log.warning("Not running under a service manager: an agent crash would lose every stored fd")
     backend = make_backend(cfg)
+    loader = loader_for(cfg)
     broker = Broker(
         backend,
         policy_reader(cfg.policy_dir),
         store,
         BrokerConfig(max_fds_total=cfg.max_fds_total, busy_retries=cfg.busy_retries, env_dir=cfg.env_dir),
-        extra_checks=(kill_exemption_check, kexec_image_check(loader_for(cfg)), inhibitor_check(cfg.inhibit_dir)),
+        extra_checks=(kill_exemption_check, kexec_image_check(loader), inhibitor_check(cfg.inhibit_dir)),
     )
     kept = {key: fdl[0] for key, fdl in fds.items() if key.startswith("luod-")}
     if not broker.recover(kept):  # no fd store handed back: a fresh start, perhaps after a live update
@@ -178,25 +197,7 @@ async def run(cfg: config.Config) -> int:
 
     cgroup_root = cgroups.manager_root(cgroups.cgroup_path("self"))
     tasks: list[asyncio.Task[object]] = []
-    watcher = KexecWatcher(broker, cfg.systemctl)
-    bus = None
-    if cfg.dbus:
-        from luo_systemd.dbus_service import (  # noqa: PLC0415
-            BUS_NAME,
-            OBJECT_PATH,
-            Agent1,
-            AgentBus,
-            install_fd_guard,
-            watch_peers,
-        )
-
-        bus = AgentBus()
-        await bus.connect()
-        agent = Agent1(bus, broker, cgroup_root, watcher.before_preserve)
-        install_fd_guard(bus, agent)
-        await watch_peers(bus)
-        bus.export(OBJECT_PATH, agent)
-        await bus.request_name(BUS_NAME)
+    watcher = KexecWatcher(broker, loader, cfg.systemctl)
     listener = activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
     tasks.append(asyncio.ensure_future(VarlinkService(broker, cgroup_root, watcher.before_preserve).serve(listener)))
 
@@ -231,6 +232,27 @@ async def run(cfg: config.Config) -> int:
     schedule_expiry()
     notify(f"READY=1\nSTATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), backend {backend.kind}")
     log.info("luod ready (backend %s, phase %s)", backend.kind, broker.phase.value)
+    # The bus joins after READY=1: units ordered After=luod.service wait for READY, and they talk Varlink.
+    # A D-Bus caller meanwhile waits in dbus-daemon (io.liveupdate.Agent1.service activates luod.service).
+    bus = None
+    if cfg.dbus:
+        from luo_systemd.dbus_service import (  # noqa: PLC0415
+            BUS_NAME,
+            OBJECT_PATH,
+            Agent1,
+            AgentBus,
+            install_fd_guard,
+            watch_peers,
+        )
+
+        bus = AgentBus()
+        await bus.connect()
+        agent = Agent1(bus, broker, cgroup_root, watcher.before_preserve)
+        install_fd_guard(bus, agent)
+        await watch_peers(bus)
+        bus.export(OBJECT_PATH, agent)
+        await bus.request_name(BUS_NAME)
+        notify(f"STATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), on the bus as {BUS_NAME}")
     await stop.wait()
     # Our fds live on in the fd store; a restart picks them up.
     notify("STOPPING=1")

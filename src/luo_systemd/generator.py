@@ -12,7 +12,6 @@ import glob
 import os
 import re
 import sys
-import sysconfig
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Optional
 
@@ -148,32 +147,57 @@ UNIT_FILE_RE = re.compile(r"^[A-Za-z0-9:_.\\@-]+\.(service|socket|mount|swap|pat
 
 
 def collect_units(dirs: Sequence[str]) -> list[UnitFiles]:
-    """Each unit's fragment (first in search order; masks skipped) with its drop-ins (a file name in an
-    earlier directory masks the same name in later ones)."""
-    fragments: dict[str, str] = {}
+    """Each opted-in unit's fragment (first in search order; masks skipped) with its drop-ins (a file name
+    in an earlier directory masks the same name in later ones).  Each directory is listed once, and only
+    the files of a unit with an [X-LiveUpdate] section are decoded: the cost is linear in the units."""
+    fragments: dict[str, os.DirEntry[str]] = {}
+    dropin_dirs: dict[str, list[str]] = {}  # unit name -> its .d directories, in search order
     for d in dirs:
-        for path in sorted(glob.glob(os.path.join(d, "*"))):
-            name = os.path.basename(path)
-            if UNIT_FILE_RE.match(name) and name not in fragments:
-                fragments[name] = path
-    units = []
-    for name, path in sorted(fragments.items()):
-        if os.path.realpath(path) == "/dev/null":
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
             continue
-        dropins: dict[str, str] = {}
-        for d in dirs:
-            for dropin in glob.glob(os.path.join(d, name + ".d", "*.conf")):
-                dropins.setdefault(os.path.basename(dropin), dropin)
-        texts = []
-        for p in [path, *(dropins[k] for k in sorted(dropins))]:
-            try:
-                with open(p, encoding="utf-8", errors="replace") as f:
-                    texts.append(f.read())
-            except OSError:
+        for entry in entries:
+            if entry.name.startswith("."):  # hidden files are no units (as systemd's own listing)
                 continue
-        if any(f"[{SECTION}]" in t for t in texts):
-            units.append(UnitFiles(name, path, tuple(texts)))
+            if entry.name.endswith(".d"):
+                dropin_dirs.setdefault(entry.name[:-2], []).append(entry.path)
+            elif entry.name not in fragments and UNIT_FILE_RE.match(entry.name):
+                fragments[entry.name] = entry
+    marker = f"[{SECTION}]".encode()
+    units = []
+    for name in sorted(fragments):
+        entry = fragments[name]
+        if entry.is_symlink() and os.path.realpath(entry.path) == "/dev/null":
+            continue
+        paths = [entry.path, *dropins_of(dropin_dirs.get(name, ()))]
+        raw = [read_bytes(p) for p in paths]
+        if any(marker in r for r in raw):
+            units.append(UnitFiles(name, entry.path, tuple(r.decode("utf-8", "replace") for r in raw if r)))
     return units
+
+
+def dropins_of(directories: Iterable[str]) -> list[str]:
+    """The *.conf files of a unit's .d directories, sorted by file name (an earlier directory masks)."""
+    found: dict[str, str] = {}
+    for d in directories:
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".conf") and not name.startswith("."):
+                found.setdefault(name, os.path.join(d, name))
+    return [found[k] for k in sorted(found)]
+
+
+def read_bytes(path: str) -> bytes:
+    """A unit file's bytes; b"" if it cannot be read (systemd skips it too)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 SHARED_LIBRARY_GLOBS = (
@@ -210,12 +234,16 @@ def write_plan(out_dir: str, result: Plan) -> None:
 
 
 def find_hook() -> str:
-    """luo-hook as installed with this interpreter (a distro package: /usr/bin; a venv: its bin/)."""
-    for directory in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
-        candidate = os.path.join(directory, "luo-hook")
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return HOOK
+    """luo-hook as installed with this interpreter (a distro package: /usr/bin; a venv: its bin/; else
+    the scheme's scripts directory, such as /usr/local/bin).  sysconfig is asked last: it costs a boot
+    several milliseconds."""
+    candidate = os.path.join(os.path.dirname(sys.executable), "luo-hook")
+    if os.access(candidate, os.X_OK):
+        return candidate
+    import sysconfig  # noqa: PLC0415
+
+    candidate = os.path.join(sysconfig.get_path("scripts"), "luo-hook")
+    return candidate if os.access(candidate, os.X_OK) else HOOK
 
 
 def main(argv: Sequence[str] = ()) -> int:

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from luo_systemd.varlink import Client
 
 # Imports beyond os and sys happen only where needed: "start" and "started" of a unit that was not
-# live-updated (every ordinary start) cost little more than the interpreter.
+# live-updated (every ordinary start) cost little more than the interpreter.  The others import
+# luo_systemd.varlink and service_manager, which keep to the C halves of json and socket
+# (tests/test_imports.py checks).
 
 SOCKET = os.environ.get("LUOD_SOCKET", "/run/luod/liveupdate.sock")
 TIMEOUTS = {"stop": 120.0, "start": 30.0, "started": 30.0}  # preserving fills holes: big memfds take time

@@ -4,6 +4,10 @@ Such a kexec skips the pre-flight check and nobody armed luod, but the units sti
 ExecStop= hooks.  So when a hook asks to preserve while luod is not armed, luod asks systemd whether
 kexec.target has a job queued, and arms itself if it has.  It asks with systemctl, which talks to PID 1 over
 its private socket: the system bus may already be gone at that point of a shutdown.
+
+It asks only when a kernel is loaded for the kexec: ``systemctl kexec`` loads one before it queues the job,
+and without one systemd-shutdown reboots instead.  Every ordinary stop of an opted-in unit (no kernel
+loaded) is answered without forking systemctl.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Sequence
 from luo_systemd import processes
 from luo_systemd.api import AGENT
 from luo_systemd.broker import Broker
+from luo_systemd.kexec import Loader
 
 log = logging.getLogger("luod")
 
@@ -28,12 +33,18 @@ def kexec_job_listed(list_jobs_output: str) -> bool:
 
 
 class KexecWatcher:
-    def __init__(self, broker: Broker, systemctl: Sequence[str] = ("systemctl",)) -> None:
+    def __init__(self, broker: Broker, loader: Loader, systemctl: Sequence[str] = ("systemctl",)) -> None:
         self.broker = broker
+        self.loader = loader
         self.systemctl = list(systemctl)
 
     async def kexec_pending(self) -> bool:
-        """Whether kexec.target has a job (a kexec transaction is under way)."""
+        """Whether kexec.target has a job (a kexec transaction is under way) and a kernel to kexec into."""
+        try:
+            if not self.loader.state().loaded:
+                return False
+        except OSError as e:
+            log.warning("Cannot tell whether a kernel is loaded (%s): asking systemd for a kexec job", e)
         argv = [*self.systemctl, *LIST_JOBS_ARGS]
         try:
             out = await processes.output_of(argv, SYSTEMCTL_TIMEOUT_SEC)

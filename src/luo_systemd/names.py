@@ -5,7 +5,6 @@ stdlib only (the generator and the hooks import it).
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 from luo_systemd.errors import InvalidName
@@ -64,6 +63,8 @@ def _bounded(name: str) -> str:
     raw = name.encode()
     if len(raw) <= SESSION_NAME_MAX:
         return name
+    import hashlib  # noqa: PLC0415 - loads OpenSSL: not for the generator, which imports this module
+
     digest = hashlib.sha256(raw).hexdigest()[:16]
     return raw[: SESSION_NAME_MAX - len(digest) - 1].decode("ascii", "ignore") + "~" + digest
 

@@ -1,13 +1,19 @@
 """The service manager's fd protocol from the service's side, stdlib only: the fds it passed
 (``LISTEN_FDS``/``LISTEN_FDNAMES``, as sd_listen_fds_with_names()) and notifications with fds, ended by a
-barrier (as sd_pid_notify_barrier()), for luo-hook, luod and luo-qemu.
+barrier (as sd_pid_notify_barrier()), for luo-hook, luod and luo-qemu.  It uses ``_socket``, the C half of
+socket: socket imports enum and selectors, which cost luo-hook more than its own work.
 """
 
 from __future__ import annotations
 
+import _socket as socket
 import os
-import socket
-from collections.abc import Sequence
+
+from luo_systemd.varlink import fd_bytes
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def listen_fds() -> dict[str, list[int]]:
@@ -34,23 +40,30 @@ def notify_socket() -> socket.socket:
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    sock.connect(addr)
+    try:
+        sock.connect(addr)
+    except OSError:
+        sock.close()
+        raise
     return sock
+
+
+def send_fds(sock: socket.socket, message: bytes, fds: Sequence[int]) -> None:
+    """socket.send_fds() for a _socket."""
+    sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_bytes(fds))] if fds else [])
 
 
 def notify(messages: Sequence[tuple[str, Sequence[int]]]) -> None:
     """Sends each (message, fds), then a barrier: our messages are processed before we exit (an exited
     sender's messages may not be attributable to the unit any more, and MAINPID= must arrive before the
     old main process's exit)."""
-    with notify_socket() as sock:
+    sock = notify_socket()
+    try:
         for message, fds in messages:
-            if fds:
-                socket.send_fds(sock, [message.encode()], list(fds))
-            else:
-                sock.send(message.encode())
+            send_fds(sock, message.encode(), fds)
         r, w = os.pipe()
         try:
-            socket.send_fds(sock, [b"BARRIER=1"], [w])
+            send_fds(sock, b"BARRIER=1", [w])
             os.close(w)
             w = -1
             os.read(r, 1)  # EOF once the manager has processed everything before the barrier
@@ -58,3 +71,5 @@ def notify(messages: Sequence[tuple[str, Sequence[int]]]) -> None:
             os.close(r)
             if w >= 0:
                 os.close(w)
+    finally:
+        sock.close()

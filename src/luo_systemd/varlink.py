@@ -3,16 +3,18 @@
 A message is a JSON object terminated by NUL.  fds travel with the message they belong to: one sendmsg()
 per message, and a peer has at most one call in flight on a connection, so the fds received while a
 message is read are that message's.  The client here is synchronous and light: hooks import it at every
-unit start and stop.
+unit start and stop, so this module uses the C halves of json and socket (``_json``, ``_socket``): json
+imports re, and socket imports enum and selectors, which together cost a luo-hook call more than the
+interpreter itself.
 """
 
 from __future__ import annotations
 
-import array
+import _json
+import _socket as socket
 import errno
-import json
 import os
-import socket
+import sys
 
 from luo_systemd import errors
 
@@ -28,9 +30,56 @@ MAX_DEPTH = 32  # nesting of JSON arrays and objects; our messages need 4
 INTERFACE = "io.liveupdate.Agent"
 
 
+def _unencodable(value: object) -> None:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python's json extension, not JSON
+
+
+class _Decoding:
+    """What ``_json``'s scanner reads off its context (the attributes of a json.JSONDecoder)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = staticmethod(_refuse_constant)
+
+
+# As json.dumps(doc, separators=(",", ":"), allow_nan=False): ASCII, compact, no circular references.
+_encoder = _json.make_encoder({}, _unencodable, _json.encode_basestring_ascii, None, ":", ",", False, False, False)
+_scanner = _json.make_scanner(_Decoding())  # type: ignore[arg-type] # typeshed wants a scanner; C reads attributes
+WHITESPACE = " \t\n\r"
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    return "".join(_encoder(doc, 0))
+
+
+def loads(raw: bytes) -> Any:
+    """A JSON document (json.loads); ValueError if it is not one, RecursionError if nested too deep."""
+    text = raw.decode()
+    start = len(text) - len(text.lstrip(WHITESPACE))
+    try:
+        value, end = _scanner(text, start)
+    except StopIteration:
+        raise ValueError("no JSON value") from None
+    if text[end:].strip(WHITESPACE):
+        raise ValueError("extra data after the JSON value")
+    return value
+
+
+def fd_bytes(fds: Sequence[int]) -> bytes:
+    """SCM_RIGHTS data: the fds as C ints."""
+    return b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
+
+
 def encode(doc: dict[str, Any], fds: Sequence[int]) -> tuple[bytes, list[tuple[int, int, bytes]]]:
-    data = json.dumps(doc, separators=(",", ":")).encode() + b"\0"
-    return data, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    data = dumps(doc).encode() + b"\0"
+    return data, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_bytes(fds))] if fds else []
 
 
 def send_message(sock: socket.socket, doc: dict[str, Any], fds: Sequence[int] = ()) -> None:
@@ -68,7 +117,8 @@ class Reader:
         data, anc, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
         for level, kind, cdata in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                self.fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % 4]))
+                whole = len(cdata) - len(cdata) % 4
+                self.fds += [int.from_bytes(cdata[i : i + 4], sys.byteorder, signed=True) for i in range(0, whole, 4)]
         if flags & socket.MSG_CTRUNC or len(self.fds) > MAX_FDS:
             raise OSError(errno.EMSGSIZE, f"more than {MAX_FDS} fds in one message")
         if not data:
@@ -86,7 +136,7 @@ class Reader:
         del self.buffer[: end + 1]
         fds, self.fds = self.fds, []
         try:
-            doc = json.loads(raw)
+            doc = loads(raw)
         except (ValueError, RecursionError):
             close_all(fds)
             raise OSError(errno.EBADMSG, "message is not JSON") from None
@@ -121,7 +171,7 @@ def raise_error(reply: dict[str, Any]) -> None:
     name = str(reply["error"])
     params = reply.get("parameters") or {}
     if not name.startswith(errors.VARLINK_ERROR_PREFIX):  # org.varlink.service.* and the like
-        raise errors.LuoError(f"{name}: {json.dumps(params)}")
+        raise errors.LuoError(f"{name}: {dumps(params)}")
     errno_value = params.get("errno")
     raise errors.from_name(
         name[len(errors.VARLINK_ERROR_PREFIX) :],
