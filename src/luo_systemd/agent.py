@@ -9,7 +9,6 @@ See luod(8).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import resource
@@ -24,12 +23,10 @@ from luo_systemd.api import Problem
 from luo_systemd.broker import Broker, BrokerConfig
 from luo_systemd.errors import LuoError
 from luo_systemd.kexec import Loader, cmdline_problems, loader_for
-from luo_systemd.kexec_watch import KexecWatcher
 from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
 from luo_systemd.policy import DROPIN, Policy, parse_policy
 from luo_systemd.service_manager import listen_fds
 from luo_systemd.state import FdStore, NoFdStore
-from luo_systemd.varlink_service import VarlinkService
 
 log = logging.getLogger("luod")
 
@@ -170,7 +167,9 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def run(cfg: config.Config) -> int:
+def start(cfg: config.Config) -> tuple[Broker, Loader, socket.socket]:
+    """Everything up to READY=1, without the event loop: the recovery or the restore, and the Varlink
+    socket listening (callers queue in its backlog until ``serve`` answers them)."""
     raise_fd_limit()
     fds = listen_fds()
     store: FdStore = SystemdFdStore() if os.environ.get("NOTIFY_SOCKET") else NoFdStore()
@@ -194,11 +193,18 @@ async def run(cfg: config.Config) -> int:
             manifest = None
         if manifest is not None:
             log.info("Live update %d: restored %d unit(s)", manifest.update_count, len(manifest.units))
+    return broker, loader, activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
+
+
+async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener: socket.socket) -> int:
+    import asyncio  # noqa: PLC0415 - after READY=1 (see main)
+
+    from luo_systemd.kexec_watch import KexecWatcher  # noqa: PLC0415 - imports asyncio
+    from luo_systemd.varlink_service import VarlinkService  # noqa: PLC0415 - imports asyncio
 
     cgroup_root = cgroups.manager_root(cgroups.cgroup_path("self"))
     tasks: list[asyncio.Task[object]] = []
     watcher = KexecWatcher(broker, loader, cfg.systemctl)
-    listener = activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
     tasks.append(asyncio.ensure_future(VarlinkService(broker, cgroup_root, watcher.before_preserve).serve(listener)))
 
     stop = asyncio.Event()
@@ -230,8 +236,6 @@ async def run(cfg: config.Config) -> int:
 
     broker.listeners.append(schedule_expiry)
     schedule_expiry()
-    notify(f"READY=1\nSTATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), backend {backend.kind}")
-    log.info("luod ready (backend %s, phase %s)", backend.kind, broker.phase.value)
     # The bus joins after READY=1: units ordered After=luod.service wait for READY, and they talk Varlink.
     # A D-Bus caller meanwhile waits in dbus-daemon (io.liveupdate.Agent1.service activates luod.service).
     bus = None
@@ -287,7 +291,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("Bad configuration: %s", e)
         return 1
     try:
-        return asyncio.run(run(cfg))
+        broker, loader, listener = start(cfg)
+    except LuoError as e:
+        log.error("%s", e)
+        return 1
+    # READY=1 before asyncio and D-Bus are imported: every opted-in unit waits for it after a kexec.
+    backend = broker.backend.kind
+    notify(f"READY=1\nSTATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), backend {backend}")
+    log.info("luod ready (backend %s, phase %s)", backend, broker.phase.value)
+    import asyncio  # noqa: PLC0415
+
+    try:
+        return asyncio.run(serve(cfg, broker, loader, listener))
     except LuoError as e:
         log.error("%s", e)
         return 1

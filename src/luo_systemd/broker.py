@@ -9,7 +9,6 @@ a ``LuoError`` raised before anything changed.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import enum
 import fcntl
@@ -78,6 +77,8 @@ async def when_free(broker: Broker, call: Callable[[], T]) -> T:
     """Runs a broker call for an interface.  The device is opened without waiting; EBUSY (another opener,
     such as systemd >= 261 for a moment) is tried again after a doubling delay that does not block the
     event loop, ``busy_retries`` times.  Broker calls change nothing before they fail, so a retry is safe."""
+    import asyncio  # noqa: PLC0415 - luod imports this module before READY=1, asyncio only after
+
     retries = broker.config.busy_retries
     for attempt in range(retries + 1):
         broker.last_try = attempt == retries
