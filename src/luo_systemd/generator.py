@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Optional
 
 from luo_systemd.errors import LuoError
-from luo_systemd.policy import DROPIN, SECTION, FinishMode, parse_policy, read_unit_lines
+from luo_systemd.policy import DROPIN, SECTION, FinishMode, Policy, parse_policy, read_unit_lines
 
 NAME = "luo-systemd-generator"
 AGENT_UNIT = "luod.service"
@@ -63,9 +63,7 @@ def service_setting(texts: Iterable[str], key: str) -> Optional[str]:
     return value
 
 
-def unit_dropin(unit: UnitFiles, hook: str = HOOK) -> str:
-    policy = parse_policy(unit.texts)
-    assert policy is not None
+def unit_dropin(unit: UnitFiles, policy: Policy, hook: str = HOOK) -> str:
     notify_access = service_setting(unit.texts, "NotifyAccess") or "none"
     if NOTIFY_ACCESS_STRENGTH.get(notify_access, 0) < NOTIFY_ACCESS_STRENGTH[HOOK_NOTIFY_ACCESS]:
         notify_access = HOOK_NOTIFY_ACCESS
@@ -122,9 +120,10 @@ def plan(units: Sequence[UnitFiles], systemd_version: int, hook: str = HOOK) -> 
         if unit.name == AGENT_UNIT:
             continue
         try:
-            if parse_policy(unit.texts) is None:
+            policy = parse_policy(unit.texts)
+            if policy is None:
                 continue
-            files[f"{unit.name}.d/{DROPIN}"] = unit_dropin(unit, hook)
+            files[f"{unit.name}.d/{DROPIN}"] = unit_dropin(unit, policy, hook)
         except LuoError as e:
             problems.append(f"{unit.name}: ignoring its [{SECTION}] section ({unit.fragment}): {e}")
     return Plan(files, tuple(problems))
@@ -191,13 +190,25 @@ def dropins_of(directories: Iterable[str]) -> list[str]:
     return [found[k] for k in sorted(found)]
 
 
+READ_CHUNK = 1 << 16
+
+
 def read_bytes(path: str) -> bytes:
-    """A unit file's bytes; b"" if it cannot be read (systemd skips it too)."""
+    """A unit file's bytes; b"" if it cannot be read (systemd skips it too).  Plain read(2): a Python file
+    object costs more than the read itself, once for every unit on the system."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return b""
+    try:
+        chunks = [os.read(fd, READ_CHUNK)]
+        while len(chunks[-1]) == READ_CHUNK:  # a regular file reads short only at its end
+            chunks.append(os.read(fd, READ_CHUNK))
+        return b"".join(chunks)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 SHARED_LIBRARY_GLOBS = (
