@@ -288,13 +288,14 @@ def table(title: str, rows: list[tuple[str, float, float]]) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"{title:<{width}}  median ms  x python3 -I -S")
     for name, ms, ratio in rows:
-        print(f"{name:<{width}}  {ms:9.1f}  {ratio:9.2f}")
+        print(f"{name:<{width}}  {ms:9.1f}  {ratio:9.2f}", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--pairs", type=int, default=15, help="alternating pairs per command figure")
     parser.add_argument("--fds", default="100,1000,10000", help="fd counts for preserve and restore")
+    parser.add_argument("--no-commands", action="store_true", help="only preserve, restore and memory")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the raw figures hold every memfd at once
@@ -305,20 +306,18 @@ def main() -> int:
             (top / name).mkdir()
             return top / name
 
-        rows = hook_figures(fresh("hook"), args.pairs)
-        rows += generator_figures(fresh("gen"), args.pairs)
-        rows += ready_figures(fresh("ready"), args.pairs)
-        table(f"command ({args.pairs} pairs)", rows)
-        scale: list[tuple[str, float, float, float]] = []
+        if not args.no_commands:
+            rows = hook_figures(fresh("hook"), args.pairs)
+            rows += generator_figures(fresh("gen"), args.pairs)
+            rows += ready_figures(fresh("ready"), args.pairs)
+            table(f"command ({args.pairs} pairs)", rows)
+        print(f"\n{'through luod':<46}   total ms  ms per fd  x raw device ops", flush=True)
         memory = []
-        for fds in (int(n) for n in args.fds.split(",")):
+        for fds in (int(n) for n in args.fds.split(",")):  # each line as it comes: 10,000 fds take minutes
             figures, rss = scale_figures(fresh(f"scale{fds}"), fds)
-            scale += figures
+            for name, ms, per_fd, ratio in figures:
+                print(f"{name:<46}  {ms:9.1f}  {per_fd:9.3f}  {ratio:9.2f}", flush=True)
             memory.append(rss)
-        width = max(len(r[0]) for r in scale)
-        print(f"\n{'through luod':<{width}}   total ms  ms per fd  x raw device ops")
-        for name, ms, per_fd, ratio in scale:
-            print(f"{name:<{width}}  {ms:9.1f}  {per_fd:9.3f}  {ratio:9.2f}")
         print()
         for line in [*memory, emulator_memory(fresh("emu"))]:
             print(line)
