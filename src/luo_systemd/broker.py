@@ -411,15 +411,16 @@ class Broker:
     def manifest(self) -> Manifest:
         units = []
         for state in self.units.values():
-            policy = self.policy_of(state.unit)
             fds = [
                 CarriedFd(n, FdKind.MEMFD, state.stored[n].order, token=t)
                 for t, n in enumerate(state.preserved, start=1)
             ]
+            sessions = [e for e in state.stored.values() if e.kind is FdKind.SESSION]
+            policy = self.policy_of(state.unit) if sessions else None  # a file read: only where it matters
             fds += [
                 CarriedFd(e.name, FdKind.SESSION, e.order, session=e.session)
-                for e in state.stored.values()
-                if e.kind is FdKind.SESSION and (policy is None or policy.carries(e.name))
+                for e in sessions
+                if policy is None or policy.carries(e.name)
             ]
             clients = tuple((n, names.client_session_name(state.unit, n)) for n in state.client_sessions)
             if fds or clients:
