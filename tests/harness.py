@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from luo_systemd import varlink
 from luo_systemd.liveupdate import EmuControl, EmulatorTransport, emulator_backend
+from tests.images import write_kernel
 
 READY_TIMEOUT = 10.0
 
@@ -65,8 +66,13 @@ class Emulator:
     def status(self) -> dict[str, object]:
         return dict(json.loads(self.transport.control(EmuControl.STATUS)))
 
-    def load(self, cmdline: str = "kho=on liveupdate=on", legacy: bool = False) -> None:
-        fd = os.open("/proc/self/exe", os.O_RDONLY | os.O_CLOEXEC)  # any file stands in for a bzImage
+    def load(self, cmdline: str = "kho=on liveupdate=on", legacy: bool = False, kernel: Optional[Path] = None) -> None:
+        """Loads ``kernel`` (default: a synthetic bzImage of the emulator's own LUO formats)."""
+        if kernel is None:
+            kernel = Path(self.socket).with_name("vmlinuz")
+            if not kernel.exists():
+                write_kernel(kernel)
+        fd = os.open(kernel, os.O_RDONLY | os.O_CLOEXEC)
         try:
             payload = json.dumps({"cmdline": cmdline, "legacy": legacy}).encode()
             self.transport.control(EmuControl.LOAD_KERNEL, payload, [fd])

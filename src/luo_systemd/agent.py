@@ -9,6 +9,7 @@ See luod(8).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import resource
@@ -22,11 +23,13 @@ from luo_systemd import cgroups, config, journal, names
 from luo_systemd.api import Problem
 from luo_systemd.broker import Broker, BrokerConfig
 from luo_systemd.errors import LuoError
-from luo_systemd.kexec import Loader, cmdline_problems, loader_for
+from luo_systemd.kexec import Loader, loader_for
+from luo_systemd.kexec_preflight import loaded_kernel_check, memory_check
 from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
 from luo_systemd.policy import DROPIN, Policy, parse_policy
 from luo_systemd.service_manager import listen_fds
 from luo_systemd.state import FdStore, NoFdStore
+from luo_systemd.verify import last_update_of, write_last_update
 
 log = logging.getLogger("luod")
 
@@ -112,19 +115,6 @@ def kill_exemption_check() -> list[Problem]:
     ]
 
 
-def kexec_image_check(loader: Loader) -> Callable[[], list[Problem]]:
-    def check() -> list[Problem]:
-        try:
-            state = loader.state()
-        except OSError as e:
-            return [Problem("", f"cannot tell whether a kernel is loaded: {e.strerror or e}")]
-        if not state.loaded:
-            return [Problem("", "no kernel is loaded for the kexec (liveupdatectl kexec loads one)")]
-        return [Problem("", p) for p in cmdline_problems(state.cmdline or "")] if state.cmdline is not None else []
-
-    return check
-
-
 MAX_INHIBITORS = 256
 MAX_REASON = 512
 
@@ -182,8 +172,9 @@ def start(cfg: config.Config) -> tuple[Broker, Loader, socket.socket]:
         policy_reader(cfg.policy_dir),
         store,
         BrokerConfig(max_fds_total=cfg.max_fds_total, busy_retries=cfg.busy_retries, env_dir=cfg.env_dir),
-        extra_checks=(kill_exemption_check, kexec_image_check(loader), inhibitor_check(cfg.inhibit_dir)),
+        extra_checks=(kill_exemption_check, loaded_kernel_check(loader), inhibitor_check(cfg.inhibit_dir)),
     )
+    broker.extra_checks += (memory_check(broker.carried_memfds, cfg.memory_margin_mib),)
     kept = {key: fdl[0] for key, fdl in fds.items() if key.startswith("luod-")}
     if not broker.recover(kept):  # no fd store handed back: a fresh start, perhaps after a live update
         try:
@@ -193,6 +184,7 @@ def start(cfg: config.Config) -> tuple[Broker, Loader, socket.socket]:
             manifest = None
         if manifest is not None:
             log.info("Live update %d: restored %d unit(s)", manifest.update_count, len(manifest.units))
+            write_last_update(cfg.last_update_file, last_update_of(manifest))
     return broker, loader, activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
 
 
@@ -256,6 +248,14 @@ async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener: so
         await watch_peers(bus)
         bus.export(OBJECT_PATH, agent)
         await bus.request_name(BUS_NAME)
+        if cfg.block_shutdown:
+            from luo_systemd.dbus_client import inhibit_shutdown  # noqa: PLC0415
+            from luo_systemd.inhibitor import ShutdownBlock, keep_blocking  # noqa: PLC0415 - imports asyncio
+
+            block = ShutdownBlock(functools.partial(inhibit_shutdown, bus, "luod"))
+            changed = asyncio.Event()
+            broker.listeners.append(changed.set)
+            tasks.append(asyncio.ensure_future(keep_blocking(broker, loader, block, changed)))
         notify(f"STATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), on the bus as {BUS_NAME}")
     await stop.wait()
     # Our fds live on in the fd store; a restart picks them up.

@@ -486,6 +486,19 @@ class Broker:
             problems += check()
         return problems
 
+    def carried_memfds(self) -> list[tuple[str, int]]:
+        """(unit, fd) of every stored memfd the next live update would carry (for the memory check)."""
+        out = []
+        for state in self.units.values():
+            policy = self.policy_of(state.unit)
+            if policy is not None:
+                out += [
+                    (state.unit, e.held.fd)
+                    for n, e in state.stored.items()
+                    if e.kind is FdKind.MEMFD and policy.carries(n)
+                ]
+        return out
+
     def arm(self, caller: Caller, force: bool = False) -> list[Problem]:
         """A live update is decided: from now on units are preserved as they stop."""
         authz.require_root(caller, "Starting a live update")

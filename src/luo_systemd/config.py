@@ -33,6 +33,11 @@ class Config:
     dbus: bool = True  # serve io.liveupdate.Agent1 on the system bus
     systemctl: list[str] = dataclasses.field(default_factory=lambda: ["systemctl"])  # asks PID 1 about kexec jobs
     inhibit_dir: str = "/run/luod/inhibit"  # UNIT files: why that unit cannot be live-updated now (pre-flight)
+    running_kernel_image: str = ""  # the running kernel's image, for its LUO format; "" = /boot/vmlinuz-RELEASE
+    next_kernel_file: str = "/run/luod/next-kernel.json"  # what liveupdatectl loaded (the kernel cannot tell)
+    last_update_file: str = "/run/luod/last-update.json"  # what the last live update carried, for verify
+    memory_margin_mib: int = 256  # kept free on top of the memory a preserve pins
+    block_shutdown: bool = True  # hold a logind shutdown block while a loaded kernel fails the pre-flight
 
 
 def config_files(dirs: Iterable[str] = CONFIG_DIRS) -> list[str]:

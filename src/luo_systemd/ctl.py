@@ -1,4 +1,4 @@
-"""liveupdatectl: status, list, preflight, kexec, cancel, finish, discard.  See liveupdatectl(1).
+"""liveupdatectl: status, list, preflight, prepare, kexec, verify, cancel, finish, discard.  See liveupdatectl(1).
 
 Data goes to stdout (``--json=pretty|short`` for machines), one-line errors to stderr, exit codes from
 ``errors.ExitCode``.  It talks to luod over Varlink; the only child process it starts is systemctl.
@@ -17,7 +17,17 @@ from typing import Any, Callable, Optional
 
 from luo_systemd import config, processes, varlink
 from luo_systemd.errors import ExitCode, LuoError, PreflightFailed
-from luo_systemd.kexec import KernelImage, Loader, default_image, live_update_cmdline, loader_for
+from luo_systemd.kexec import (
+    KernelImage,
+    LoadedState,
+    Loader,
+    NextKernel,
+    default_image,
+    live_update_cmdline,
+    loader_for,
+)
+from luo_systemd.kexec_preflight import loaded_kernel_problems
+from luo_systemd.verify import Verdict, format_verdict, read_last_update, verify
 
 SYSTEMCTL_TIMEOUT_SEC = 30.0  # systemctl start --no-block only queues the job
 
@@ -95,6 +105,40 @@ class Ctl:
         if self.loader().state().loaded:
             return None
         return default_image(self.opts.append)
+
+    def prepare(self) -> int:
+        """Pre-flight, then load the target: afterwards a plain reboot from any tool is a checked live update."""
+        image = self.image() or default_image(self.opts.append)
+        loader = self.loader()
+        target = NextKernel.of(image)
+        state = LoadedState(True, image.cmdline, target.formats(), target.unreadable)
+        mismatch = [{"unit": "", "message": m} for m in loaded_kernel_problems(state, loader.running_formats)]
+        if mismatch and not self.opts.force:
+            raise PreflightFailed(
+                f"Pre-flight check failed, {image.kernel} was not loaded:\n" + format_problems(mismatch)
+            )
+        loader.load(image)
+        problems = self.problems()
+        if problems and not self.opts.force:
+            loader.unload()
+            raise PreflightFailed(
+                f"Pre-flight check failed, {image.kernel} was unloaded again:\n" + format_problems(problems)
+            )
+        for p in problems:
+            print(f"Warning: loaded despite: {problem_line(p)}", file=sys.stderr)
+        self.emit(
+            {**dataclasses.asdict(target), "problems": problems},
+            lambda d: (
+                f"Loaded {d['kernel']} ({', '.join(d['identifiers'])}), command line: {d['cmdline']}\n"
+                + ("A reboot is now a live update." if not d["problems"] else "Pre-flight problems remain (forced).")
+            ),
+        )
+        return 0
+
+    def verify(self) -> int:
+        result = verify(read_last_update(self.cfg.last_update_file), self.call("Status"))
+        self.emit(result, format_verdict)
+        return Verdict(result["verdict"]).exit_code
 
     def kexec(self) -> int:
         image = self.image()
@@ -195,7 +239,9 @@ VERBS: dict[str, Callable[[Ctl], int]] = {
     "status": Ctl.status,
     "list": Ctl.list_fds,
     "preflight": Ctl.preflight,
+    "prepare": Ctl.prepare,
     "kexec": Ctl.kexec,
+    "verify": Ctl.verify,
     "cancel": Ctl.cancel,
     "finish": Ctl.finish,
     "discard": Ctl.discard,
@@ -219,6 +265,12 @@ def parse_args(argv: Sequence[str]) -> Options:
     k.add_argument("--append", default="", help="extra kernel command line arguments")
     k.add_argument("--force", action="store_true", help="go ahead despite pre-flight problems (data may be lost)")
     k.add_argument("--dry-run", action="store_true", help="show the plan and the pre-flight result only")
+    p = sub.add_parser("prepare", help="pre-flight, then load a kernel: a plain reboot becomes a live update")
+    p.add_argument("kernel", nargs="?", help="kernel image (default: the running kernel's)")
+    p.add_argument("initrd", nargs="?")
+    p.add_argument("--append", default="", help="extra kernel command line arguments")
+    p.add_argument("--force", action="store_true", help="load despite pre-flight problems")
+    sub.add_parser("verify", help="did the last live update give every unit its fds back")
     sub.add_parser("cancel", help="call off an armed live update")
     sub.add_parser("finish", help="finish a unit's restore").add_argument("unit")
     sub.add_parser("discard", help="free everything held for a unit").add_argument("unit")

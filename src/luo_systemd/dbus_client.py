@@ -94,3 +94,22 @@ class AgentClient:
     async def retrieve_session(self, name: str, unit: str = "") -> int:
         reply = await self.call("RetrieveSession", "ss", [unit, name])
         return int(reply.unix_fds[reply.body[0]])
+
+
+async def inhibit_shutdown(bus: AgentBus, who: str, why: str) -> int:
+    """A logind block inhibitor on "shutdown" (``systemd-inhibit --what=shutdown --mode=block``): held as
+    long as the returned fd is open."""
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.login1",
+            path="/org/freedesktop/login1",
+            interface="org.freedesktop.login1.Manager",
+            member="Inhibit",
+            signature="ssss",
+            body=["shutdown", who, why, "block"],
+        )
+    )
+    if reply is None or reply.message_type is MessageType.ERROR or not reply.unix_fds:
+        message = reply.body[0] if reply is not None and reply.body else "no fd"
+        raise errors.LuoError(f"logind refused the inhibitor: {reply.error_name if reply else 'no reply'}: {message}")
+    return int(reply.unix_fds[reply.body[0]])

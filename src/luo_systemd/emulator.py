@@ -30,6 +30,8 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 from luo_systemd import syscalls, uapi
+from luo_systemd.errors import UnreadableImage
+from luo_systemd.kernel_format import ImageFormats, read_image
 from luo_systemd.liveupdate import (
     DEFAULT_EMULATOR_SOCKET,
     EMU_HEADER,
@@ -91,10 +93,16 @@ class Session:
         self.files.clear()
 
 
+# The LUO formats of the kernel the emulator stands in for (7.2): what a target kernel must speak.
+EMULATED_FORMATS = ("kho-v4", "luo-v5", "memfd-v2")
+
+
 @dataclasses.dataclass
 class LoadedKernel:
     cmdline: str
     file_load: bool  # loaded with kexec_file_load; the legacy kexec_load loses all LUO state
+    formats: Optional[ImageFormats] = None  # read from the image, as the pre-flight will ask
+    unreadable: str = ""
 
 
 def cmdline_enables_luo(cmdline: str) -> bool:
@@ -208,8 +216,12 @@ class EmulatedLuo:
 
     # -- kexec
 
-    def load_kernel(self, cmdline: str, file_load: bool) -> None:
-        self.loaded = LoadedKernel(cmdline=cmdline, file_load=file_load)
+    def load_kernel(self, cmdline: str, file_load: bool, kernel_fd: int) -> None:
+        try:
+            formats, unreadable = read_image(f"/proc/self/fd/{kernel_fd}"), ""
+        except UnreadableImage as e:
+            formats, unreadable = None, str(e)
+        self.loaded = LoadedKernel(cmdline, file_load, formats, unreadable)
 
     def kexec(self, cold: bool = False) -> dict[str, object]:
         """The machine goes down now.  Returns what crossed, for the log."""
@@ -262,8 +274,15 @@ class EmulatedLuo:
             "luo_enabled": self.enabled,
             "outgoing": count(self.outgoing),
             "incoming": count(self.incoming),
-            "kernel_loaded": self.loaded is not None,
-            "kernel_cmdline": self.loaded.cmdline if self.loaded else None,
+            "formats": list(EMULATED_FORMATS),
+            "kernel": None
+            if self.loaded is None
+            else {
+                "cmdline": self.loaded.cmdline,
+                "formats": sorted(self.loaded.formats.identifiers) if self.loaded.formats else [],
+                "compression": self.loaded.formats.compression if self.loaded.formats else "",
+                "unreadable": self.loaded.unreadable,
+            },
             "warnings": self.warnings,
         }
 
@@ -415,7 +434,7 @@ class EmulatorServer:
             opts = control_options(payload, cmdline=str, legacy=bool)
             if not fds:
                 raise Fail(errno.EBADF)
-            luo.load_kernel(str(opts.get("cmdline", "")), file_load=not opts.get("legacy", False))
+            luo.load_kernel(str(opts.get("cmdline", "")), not opts.get("legacy", False), fds[0])
             return b"", None
         if request == EmuControl.UNLOAD_KERNEL:
             luo.loaded = None

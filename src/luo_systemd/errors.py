@@ -162,6 +162,13 @@ class PreflightFailed(LuoError):
     exit_code = ExitCode.PREFLIGHT
 
 
+class UnreadableImage(LuoError):
+    """A kernel image whose LUO format cannot be read (so a live update into it cannot be checked)."""
+
+    name = "UnreadableImage"
+    exit_code = ExitCode.INVALID
+
+
 class AgentUnavailable(LuoError):
     name = "AgentUnavailable"
     exit_code = ExitCode.NOT_SUPPORTED

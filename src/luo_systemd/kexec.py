@@ -1,7 +1,9 @@
 """Loading the next kernel the one way that keeps LUO state: kexec_file_load with kho=on liveupdate=on.
 
 The legacy kexec_load silently loses every session, and a kernel booted without ``liveupdate=on`` has no
-/dev/liveupdate; both are refused here rather than discovered after the kexec.
+/dev/liveupdate; both are refused here rather than discovered after the kexec.  The kernel cannot say which
+image it has loaded, so the loader records the image and its LUO format identifiers next to luod
+(``next_kernel_file``); a kernel loaded by another tool has no record and an unknown format.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Optional, Protocol
 
 from luo_systemd import syscalls
 from luo_systemd.config import Config
-from luo_systemd.errors import KernelError, NotFound
+from luo_systemd.errors import KernelError, NotFound, UnreadableImage
+from luo_systemd.kernel_format import ImageFormats, read_image
 from luo_systemd.liveupdate import EmuControl, EmulatorTransport
 
 LIVE_UPDATE_ARGS = ("kho=on", "liveupdate=on")
@@ -29,6 +32,8 @@ BOOT_LOADER_ARGS = ("BOOT_IMAGE=", "initrd=")
 class LoadedState:
     loaded: bool
     cmdline: Optional[str]  # None where it cannot be read back (the kernel does not tell)
+    formats: Optional[ImageFormats] = None  # the loaded image's LUO formats; None: unknown
+    unknown_why: str = ""  # why ``formats`` is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +56,15 @@ def cmdline_problems(cmdline: str) -> list[str]:
     return [f"the next kernel's command line lacks {arg}" for arg in LIVE_UPDATE_ARGS if arg not in words]
 
 
+def installed_kernel(release: str) -> Optional[str]:
+    """The image of kernel ``release`` as Debian or Fedora install it in /boot."""
+    return next((p for p in (f"/boot/vmlinuz-{release}", f"/boot/vmlinuz-{release}.efi") if os.path.exists(p)), None)
+
+
 def default_image(append: str = "") -> KernelImage:
     """The running kernel again, as installed in /boot by Debian or Fedora, with the running command line."""
     release = platform.release()
-    kernel = next((p for p in (f"/boot/vmlinuz-{release}", f"/boot/vmlinuz-{release}.efi") if os.path.exists(p)), None)
+    kernel = installed_kernel(release)
     if kernel is None:
         raise NotFound(f"no kernel image for {release} in /boot: pass --kernel")
     initrd = next(
@@ -84,16 +94,91 @@ class Loader(Protocol):
 
     def load(self, image: KernelImage) -> None: ...
 
+    def unload(self) -> None: ...
+
+    def running_formats(self) -> ImageFormats:
+        """The LUO formats of the running kernel (raises UnreadableImage)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class NextKernel:
+    """What the loader recorded about the kernel it loaded."""
+
+    kernel: str
+    initrd: Optional[str]
+    cmdline: str
+    identifiers: tuple[str, ...]
+    compression: str
+    unreadable: str = ""  # why the identifiers could not be read ("" if they were)
+
+    @staticmethod
+    def of(image: KernelImage) -> NextKernel:
+        try:
+            formats = read_image(image.kernel)
+        except UnreadableImage as e:
+            return NextKernel(image.kernel, image.initrd, image.cmdline, (), "", str(e))
+        return NextKernel(
+            image.kernel, image.initrd, image.cmdline, tuple(sorted(formats.identifiers)), formats.compression
+        )
+
+    def formats(self) -> Optional[ImageFormats]:
+        return None if self.unreadable else ImageFormats(frozenset(self.identifiers), self.compression)
+
+
+def write_next_kernel(path: str, record: NextKernel) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(dataclasses.asdict(record), f)
+    os.replace(tmp, path)
+
+
+def read_next_kernel(path: str) -> Optional[NextKernel]:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        return NextKernel(
+            str(doc["kernel"]),
+            doc["initrd"] if isinstance(doc["initrd"], str) else None,
+            str(doc["cmdline"]),
+            tuple(str(i) for i in doc["identifiers"]),
+            str(doc["compression"]),
+            str(doc["unreadable"]),
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a damaged record says nothing: the format counts as unknown
+
 
 class KernelLoader:
+    def __init__(self, next_kernel_file: str, running_image: str = "") -> None:
+        self.next_kernel_file = next_kernel_file
+        self.running_image = running_image  # "" for the installed image of the running release
+        self._running: Optional[ImageFormats] = None  # read once: the running kernel does not change
+
     def state(self) -> LoadedState:
         try:
             with open("/sys/kernel/kexec_loaded") as f:
-                return LoadedState(f.read().strip() == "1", None)
+                loaded = f.read().strip() == "1"
         except FileNotFoundError:
-            return LoadedState(False, None)
+            loaded = False
+        record = read_next_kernel(self.next_kernel_file) if loaded else None
+        if record is None:
+            return LoadedState(loaded, None, None, "it was not loaded by liveupdatectl, which records the image")
+        return LoadedState(loaded, record.cmdline, record.formats(), record.unreadable)
+
+    def running_formats(self) -> ImageFormats:
+        if self._running is None:
+            path = self.running_image or installed_kernel(platform.release())
+            if path is None:
+                raise UnreadableImage(f"no image of the running kernel {platform.release()} in /boot")
+            self._running = read_image(path)
+        return self._running
 
     def load(self, image: KernelImage) -> None:
+        record = NextKernel.of(image)
         try:
             with opened(image) as (kernel, initrd):
                 syscalls.kexec_file_load(kernel, initrd, image.cmdline)
@@ -107,6 +192,15 @@ class KernelLoader:
             raise KernelError(
                 f"Failed to load {image.kernel}", e.errno or errno.EIO, reasons.get(e.errno or 0, e.strerror or "")
             ) from None
+        write_next_kernel(self.next_kernel_file, record)
+
+    def unload(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.next_kernel_file)
+        try:
+            syscalls.kexec_file_load(-1, None, "", syscalls.KEXEC_FILE_UNLOAD)
+        except OSError as e:
+            raise KernelError("Failed to unload the loaded kernel", e.errno or errno.EIO, e.strerror or "") from None
 
 
 class EmulatedLoader:
@@ -117,7 +211,20 @@ class EmulatedLoader:
 
     def state(self) -> LoadedState:
         status = json.loads(self.transport.control(EmuControl.STATUS))
-        return LoadedState(bool(status["kernel_loaded"]), status["kernel_cmdline"])
+        kernel = status["kernel"]
+        if kernel is None:
+            return LoadedState(False, None)
+        formats = (
+            ImageFormats(frozenset(kernel["formats"]), kernel["compression"]) if not kernel["unreadable"] else None
+        )
+        return LoadedState(True, kernel["cmdline"], formats, kernel["unreadable"])
+
+    def running_formats(self) -> ImageFormats:
+        status = json.loads(self.transport.control(EmuControl.STATUS))
+        return ImageFormats(frozenset(status["formats"]), "none")
+
+    def unload(self) -> None:
+        self.transport.control(EmuControl.UNLOAD_KERNEL)
 
     def load(self, image: KernelImage, legacy: bool = False) -> None:
         """``legacy``: as if loaded with the old kexec_load, which loses all LUO state (for tests)."""
@@ -127,4 +234,6 @@ class EmulatedLoader:
 
 
 def loader_for(cfg: Config) -> Loader:
-    return EmulatedLoader(cfg.emulator_socket) if cfg.backend == "emulator" else KernelLoader()
+    if cfg.backend == "emulator":
+        return EmulatedLoader(cfg.emulator_socket)
+    return KernelLoader(cfg.next_kernel_file, cfg.running_kernel_image)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from luo_systemd import processes
+from luo_systemd import journal, processes
 from luo_systemd.api import AGENT
 from luo_systemd.broker import Broker
+from luo_systemd.errors import LuoError
 from luo_systemd.kexec import Loader
 
 log = logging.getLogger("luod")
@@ -37,6 +38,7 @@ class KexecWatcher:
         self.broker = broker
         self.loader = loader
         self.systemctl = list(systemctl)
+        self.refused = False  # this shutdown's kexec was turned into a reboot: ask no more
 
     async def kexec_pending(self) -> bool:
         """Whether kexec.target has a job (a kexec transaction is under way) and a kernel to kexec into."""
@@ -54,8 +56,25 @@ class KexecWatcher:
         return kexec_job_listed(out)
 
     async def before_preserve(self) -> None:
-        if not self.broker.armed and await self.kexec_pending():
-            log.warning(
-                "A kexec was started without liveupdatectl: preserving units as they stop, without a pre-flight check"
-            )
-            self.broker.arm(AGENT, force=True)
+        """The pre-flight at the first opted-in unit's stop: passed, arm; failed, unload the kernel, so that
+        systemd-shutdown reboots instead of kexecing (the kexec transaction is irreversible; a cold reboot
+        keeps a kernel of another LUO format from panicking on what this one hands over)."""
+        if self.broker.armed or self.refused or not await self.kexec_pending():
+            return
+        problems = self.broker.preflight()
+        if not problems:
+            log.info("A kexec was started without liveupdatectl; the pre-flight passed: preserving units as they stop")
+            self.broker.arm(AGENT)
+            return
+        self.refused = True
+        reasons = "; ".join(f"{p.unit}: {p.message}" if p.unit else p.message for p in problems)
+        try:
+            self.loader.unload()
+            outcome = "unloaded the kernel: the machine reboots instead, nothing is carried"
+        except (LuoError, OSError) as e:
+            outcome = f"and the kernel could not be unloaded ({e}): the kexec goes ahead without a live update"
+        journal.event(
+            journal.REFUSED,
+            f"Refusing the kexec started without liveupdatectl, the pre-flight failed: {reasons}; {outcome}",
+            level=logging.CRITICAL,
+        )

@@ -18,6 +18,7 @@ _SYSCALLS = {
     "aarch64": {"pidfd_open": 434, "pidfd_getfd": 438, "kexec_file_load": 294},
 }
 
+KEXEC_FILE_UNLOAD = 0x1
 KEXEC_FILE_NO_INITRAMFS = 0x4
 
 

@@ -1,0 +1,87 @@
+"""luod blocks a shutdown while the loaded kernel fails the pre-flight, so the operator is told why.
+
+``systemctl reboot`` becomes a kexec when a kernel is loaded, and ``systemctl kexec`` kexecs into it, both
+through logind.  While a loaded kernel fails the pre-flight (another LUO format, too little memory, …), luod
+holds a logind block inhibitor on "shutdown" whose reason is the pre-flight's verdict: logind refuses the
+request and systemctl prints that reason.  systemd 257 and newer refuse even root (a "block" inhibitor is
+strong; ``systemctl -i`` skips it); 252 lets root through unless ``--check-inhibitors=yes``.  Triggers that do
+not ask logind (SIGRTMIN+6, ``systemctl start kexec.target``, ``--force``) meet luod's check at the first stop
+hook instead (kexec_watch).  The kernel tells nobody when a kernel is loaded, so luod re-checks after every
+change it sees and every RECHECK_SEC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Sequence
+from typing import Callable, Optional
+
+from luo_systemd.api import Problem
+from luo_systemd.broker import Broker
+from luo_systemd.errors import LuoError
+from luo_systemd.kexec import Loader
+
+log = logging.getLogger("luod")
+
+RECHECK_SEC = 15.0
+
+
+def block_reason(armed: bool, loaded: bool, problems: Sequence[Problem]) -> Optional[str]:
+    """The inhibitor's reason, or None when nothing should be blocked (no kernel loaded, an update under way,
+    or a pre-flight that passes)."""
+    if armed or not loaded or not problems:
+        return None
+    reasons = "; ".join(f"{p.unit}: {p.message}" if p.unit else p.message for p in problems)
+    return f"the loaded kernel fails the live-update pre-flight: {reasons} (liveupdatectl preflight)"
+
+
+class ShutdownBlock:
+    def __init__(self, take: Callable[[str], Awaitable[int]]) -> None:
+        self.take = take
+        self.fd: Optional[int] = None
+        self.why: Optional[str] = None
+
+    async def update(self, why: Optional[str]) -> None:
+        if why == self.why:
+            return
+        self.release()
+        if why is None:
+            log.info("Shutdown no longer blocked: the loaded kernel passes the pre-flight, or none is loaded")
+            return
+        self.why = why  # also when logind refuses: tried once per reason, not at every re-check
+        try:
+            self.fd = await self.take(why)
+        except (LuoError, OSError) as e:
+            log.warning("Cannot block shutdown while the loaded kernel fails the pre-flight: %s", e)
+            return
+        log.warning("Blocking shutdown: %s", why)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd, self.why = None, None
+
+
+async def keep_blocking(broker: Broker, loader: Loader, block: ShutdownBlock, changed: asyncio.Event) -> None:
+    """Holds the shutdown block exactly while a loaded kernel fails the pre-flight."""
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            changed.clear()
+            try:
+                loaded = loader.state().loaded
+                if loaded:  # decompressing the running kernel's image takes a while: not in the event loop
+                    with contextlib.suppress(LuoError):
+                        await loop.run_in_executor(None, loader.running_formats)
+                why = block_reason(broker.armed, loaded, broker.preflight())
+            except (LuoError, OSError) as e:
+                log.warning("Pre-flight re-check failed: %s", e)
+                why = block.why
+            await block.update(why)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), RECHECK_SEC)
+    finally:
+        block.release()
