@@ -73,6 +73,10 @@ def zboot(method: str, payload: bytes) -> bytes:
     return bytes(header) + payload
 
 
+def kernel_image(identifiers: Iterable[str] = CURRENT, method: str = "gzip") -> bytes:
+    return bzimage(compress(method, fake_vmlinux(identifiers)))
+
+
 def write_kernel(path: Path, identifiers: Iterable[str] = CURRENT, method: str = "gzip") -> Path:
-    path.write_bytes(bzimage(compress(method, fake_vmlinux(identifiers))))
+    path.write_bytes(kernel_image(identifiers, method))
     return path

@@ -96,3 +96,64 @@ def test_the_readme_demo_command() -> None:
     proc = subprocess.run([str(TOP / "scripts" / "demo.sh")], capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "result: PASS" in proc.stdout and "(identical)" in proc.stdout
+
+
+# -- every road to a kexec: the pre-flight runs before an opted-in unit stops, or the kexec is refused
+
+LUO_V4 = "LUO format luo: running kernel luo-v5, target kernel luo-v4"
+
+
+@pytest.mark.parametrize("bed", ["sid"], indirect=True)
+def test_prepare_then_sigrtmin6_is_a_checked_live_update(bed: LiveUpdateBed) -> None:
+    """liveupdatectl prepare, then SIGRTMIN+6 to PID 1: luod's pre-flight at the first stop hook passes."""
+    outcome = bed.live_update("SIGRTMIN+6")
+    check(outcome, 1)
+    assert outcome.verify["verdict"] == "ok" and outcome.verify["LiveUpdatesCount"] == 1
+    assert outcome.verify["units"] == [{"unit": "luo-demo-cache.service", "carried": 1, "outcome": "restored"}]
+
+
+@pytest.mark.parametrize("bed", ["bookworm"], indirect=True)
+def test_a_kernel_of_another_luo_format_is_refused_before_anything_stops(bed: LiveUpdateBed) -> None:
+    refused = bed.refused_target()
+    assert refused["prepare"][0] == 3 and LUO_V4 in refused["prepare"][1], refused
+    assert "was not loaded" in refused["prepare"][1]
+    assert refused["kexec"][0] == 3 and LUO_V4 in refused["kexec"][1] and "nothing was stopped" in refused["kexec"][1]
+    assert refused["loaded"] is None, "kexec loaded it, the pre-flight refused it: unloaded again"
+    assert refused["demo"] == "active" and refused["same_process"]
+
+
+@pytest.mark.parametrize("bed", ["trixie"], indirect=True)
+def test_memory_headroom_refusal_names_the_heaviest_unit(bed: LiveUpdateBed) -> None:
+    refused = bed.refused_memory()
+    assert refused["kexec"][0] == 3, refused
+    assert "heaviest: luo-sparse.service 1024.0 GiB, luo-demo-cache.service 64.0 MiB" in refused["kexec"][1]
+    assert refused["active"] == ["active", "active"], "nothing was stopped"
+    assert any("not enough memory" in p["message"] for p in refused["preflight"]["problems"])
+
+
+@pytest.mark.parametrize("bed", harness.SUITES, indirect=True)
+def test_a_loaded_kernel_failing_the_preflight_blocks_shutdown(bed: LiveUpdateBed) -> None:
+    blocked = bed.blocked_shutdown()
+    assert "luod" in blocked["inhibitors"] and "block" in blocked["inhibitors"]
+    assert "fails the live-update pre-flight" in blocked["inhibitors"]
+    for verb, (code, err) in blocked["checked"].items():
+        assert code != 0 and 'Operation inhibited by "luod"' in err and LUO_V4 in err, (verb, err)
+    if bed.c.systemd_version >= 257:  # a strong block inhibitor stops root too, without a tty or -i
+        code, err = blocked["plain_reboot"]
+        assert code != 0 and blocked["still_running"], err
+        assert err.strip() in (
+            "Call to Reboot failed: Access denied",
+            "Call to Reboot failed: Operation denied due to active block inhibitor",
+        )
+    # 252 lets root through (checked by hand: the container rebooted); the stop hook's check stands in the way
+    assert blocked["released"], "the kernel unloaded, luod lets go of the block"
+
+
+@pytest.mark.parametrize("bed", ["bookworm", "sid"], indirect=True)
+def test_sigrtmin6_with_a_failing_kernel_reboots_instead_of_kexecing(bed: LiveUpdateBed) -> None:
+    refused = bed.refused_signal()
+    assert refused["carried"] == {"sessions": 0, "files": 0}, "nothing crossed: the emulator saw a cold boot"
+    assert refused["rebuilt"], "the demo rebuilt its cache: a plain reboot"
+    assert "Refusing the kexec started without liveupdatectl, the pre-flight failed" in refused["luod_log"]
+    assert LUO_V4 in refused["luod_log"] and "unloaded the kernel" in refused["luod_log"]
+    assert refused["verify"] == 7, "verify: this boot did not follow a live update"

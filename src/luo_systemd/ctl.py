@@ -56,6 +56,7 @@ class Ctl:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.cfg = config.load(opts.config_files or config.config_files())
+        self.target: Optional[NextKernel] = None  # the kernel this command loaded
 
     def call(self, method: str, params: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         with varlink.Client(self.cfg.varlink_socket, timeout=60) as client:
@@ -106,28 +107,39 @@ class Ctl:
             return None
         return default_image(self.opts.append)
 
+    def check_target(self, image: KernelImage) -> NextKernel:
+        """The image's LUO format against the running kernel's, before it is loaded."""
+        target = NextKernel.of(image)
+        state = LoadedState(True, image.cmdline, target.formats(), target.unreadable)
+        mismatch = [{"unit": "", "message": m} for m in loaded_kernel_problems(state, self.loader().running_formats)]
+        if mismatch and not self.opts.force:
+            raise PreflightFailed(
+                f"Pre-flight check failed, {image.kernel} was not loaded and nothing was stopped:\n"
+                + format_problems(mismatch)
+            )
+        return target
+
+    def load_checked(self, image: Optional[KernelImage], what: str) -> list[dict[str, str]]:
+        """Loads ``image`` (None: keep the loaded kernel) and runs the pre-flight; a kernel loaded here is
+        unloaded again when the pre-flight fails, so none that fails it is left for a reboot to kexec."""
+        if image is not None:
+            self.target = self.check_target(image)
+            self.loader().load(image)
+        problems = self.problems()
+        if problems and not self.opts.force:
+            if image is not None:
+                self.loader().unload()
+            raise PreflightFailed(f"Pre-flight check failed, {what}:\n" + format_problems(problems))
+        return problems
+
     def prepare(self) -> int:
         """Pre-flight, then load the target: afterwards a plain reboot from any tool is a checked live update."""
         image = self.image() or default_image(self.opts.append)
-        loader = self.loader()
-        target = NextKernel.of(image)
-        state = LoadedState(True, image.cmdline, target.formats(), target.unreadable)
-        mismatch = [{"unit": "", "message": m} for m in loaded_kernel_problems(state, loader.running_formats)]
-        if mismatch and not self.opts.force:
-            raise PreflightFailed(
-                f"Pre-flight check failed, {image.kernel} was not loaded:\n" + format_problems(mismatch)
-            )
-        loader.load(image)
-        problems = self.problems()
-        if problems and not self.opts.force:
-            loader.unload()
-            raise PreflightFailed(
-                f"Pre-flight check failed, {image.kernel} was unloaded again:\n" + format_problems(problems)
-            )
+        problems = self.load_checked(image, f"{image.kernel} was unloaded again")
         for p in problems:
             print(f"Warning: loaded despite: {problem_line(p)}", file=sys.stderr)
         self.emit(
-            {**dataclasses.asdict(target), "problems": problems},
+            {**dataclasses.asdict(self.target or NextKernel.of(image)), "problems": problems},
             lambda d: (
                 f"Loaded {d['kernel']} ({', '.join(d['identifiers'])}), command line: {d['cmdline']}\n"
                 + ("A reboot is now a live update." if not d["problems"] else "Pre-flight problems remain (forced).")
@@ -166,11 +178,7 @@ class Ctl:
                 ),
             )
             return 0
-        if image is not None:
-            self.loader().load(image)
-        problems = self.problems()
-        if problems and not self.opts.force:
-            raise PreflightFailed("Pre-flight check failed, nothing was stopped:\n" + format_problems(problems))
+        problems = self.load_checked(image, "nothing was stopped")
         for p in problems:
             print(f"Warning: forced despite: {problem_line(p)}", file=sys.stderr)
         self.call("Arm", {"force": self.opts.force})

@@ -1,13 +1,13 @@
 """luod blocks a shutdown while the loaded kernel fails the pre-flight, so the operator is told why.
 
 ``systemctl reboot`` becomes a kexec when a kernel is loaded, and ``systemctl kexec`` kexecs into it, both
-through logind.  While a loaded kernel fails the pre-flight (another LUO format, too little memory, …), luod
-holds a logind block inhibitor on "shutdown" whose reason is the pre-flight's verdict: logind refuses the
-request and systemctl prints that reason.  systemd 257 and newer refuse even root (a "block" inhibitor is
-strong; ``systemctl -i`` skips it); 252 lets root through unless ``--check-inhibitors=yes``.  Triggers that do
-not ask logind (SIGRTMIN+6, ``systemctl start kexec.target``, ``--force``) meet luod's check at the first stop
-hook instead (kexec_watch).  The kernel tells nobody when a kernel is loaded, so luod re-checks after every
-change it sees and every RECHECK_SEC.
+through logind.  While a loaded kernel fails the pre-flight (another LUO format, too little memory, ...),
+luod holds a logind block inhibitor on "shutdown" whose reason is the pre-flight's verdict; logind refuses
+the request (``systemctl --check-inhibitors=yes`` prints the reason).  For root, 262 refuses outright (a
+"block" inhibitor is strong; ``systemctl -i`` skips it), 257 asks polkit for reboot-ignore-inhibit, 252 lets
+it through.  Triggers that do not ask logind (SIGRTMIN+6, ``systemctl start kexec.target``) meet luod's
+check at the first stop hook instead (kexec_watch).  The kernel tells nobody when a kernel is loaded, so
+luod re-checks after every change it sees and every RECHECK_SEC.
 """
 
 from __future__ import annotations

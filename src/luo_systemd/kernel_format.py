@@ -16,6 +16,7 @@ from __future__ import annotations
 import bz2
 import dataclasses
 import lzma
+import os
 import re
 import struct
 import zlib
@@ -209,12 +210,24 @@ _DECOMPRESSORS: dict[str, Callable[[bytes, int], bytes]] = {
 
 
 def read_image(path: str) -> ImageFormats:
-    """The LUO format identifiers of the kernel image at ``path``."""
+    """The LUO format identifiers of the kernel image at ``path`` (remembered while the file is unchanged:
+    decompressing a kernel takes a second, and prepare checks, loads and records the same image)."""
     try:
         with open(path, "rb") as f:
-            image = f.read(MAX_IMAGE + 1)
+            st = os.fstat(f.fileno())
+            key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if key not in _read:
+                _read.clear()
+                _read[key] = _formats_of_file(path, f.read(MAX_IMAGE + 1))
+            return _read[key]
     except OSError as e:
         raise UnreadableImage(f"cannot read {path}: {e.strerror or e}") from None
+
+
+_read: dict[tuple[str, int, int, int, int], ImageFormats] = {}
+
+
+def _formats_of_file(path: str, image: bytes) -> ImageFormats:
     if len(image) > MAX_IMAGE:
         raise UnreadableImage(f"{path} is larger than {MAX_IMAGE >> 20} MiB: not a kernel image")
     try:

@@ -21,14 +21,35 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from tests.harness import Emulator
+from tests.images import CURRENT, kernel_image
 from tests.nspawn import harness
 
 TOP = Path(__file__).resolve().parent.parent.parent
 DEMO = TOP / "demo"
-GUEST_KERNEL = "/boot/vmlinuz-demo"  # any file stands in for a kernel image on the emulator
+GUEST_KERNEL = "/boot/vmlinuz-demo"  # a synthetic bzImage of the emulator's LUO formats
+OLD_KERNEL = "/boot/vmlinuz-luo-v4"  # the same of an older LUO format, which the pre-flight refuses
+TRIGGERS = ("liveupdatectl", "kexec.target", "SIGRTMIN+6")
+SIGRTMIN_6_TO_PID1 = "python3 -c 'import os, signal; os.kill(1, signal.SIGRTMIN + 6)'"  # dash's kill lacks it
+
+
+SPARSE_SERVICE = """#!/usr/bin/python3
+import os, signal
+from luo_systemd import varlink
+fd = os.memfd_create("big", os.MFD_CLOEXEC)
+os.ftruncate(fd, 1 << 40)
+with varlink.Client("/run/luod/liveupdate.sock") as c:
+    c.call("Store", {"names": ["big"]}, [fd])
+signal.pause()
+"""
+SPARSE_UNIT = """[Service]
+ExecStart=/usr/local/bin/luo-sparse
+
+[X-LiveUpdate]
+FileDescriptorNames=big
+"""
 
 
 @dataclasses.dataclass
@@ -43,6 +64,8 @@ class Outcome:
     status_after: dict[str, Any]
     finished: bool
     unit_warnings: list[str]  # what systemd said about the drop-ins the generator wrote
+    verify: dict[str, Any]  # liveupdatectl verify --json after the boot
+    verify_exit: int
 
     @property
     def ok(self) -> bool:
@@ -53,6 +76,7 @@ class Outcome:
             and self.after.get("counter_at_start", -1) >= self.before.get("counter", 0)
             and self.finished
             and not self.unit_warnings
+            and self.verify_exit == 0
         )
 
 
@@ -61,7 +85,8 @@ def install(c: harness.Container, debs: list[Path]) -> None:
     c.sh(f"dpkg -i {names}", check=True, timeout=120)
     c.write_file("/usr/local/bin/luo-demo-cache", (DEMO / "luo-demo-cache").read_text(), mode=0o755)
     c.write_file("/etc/systemd/system/luo-demo-cache.service", (DEMO / "luo-demo-cache.service").read_text())
-    c.write_file(GUEST_KERNEL, "not a kernel: the emulator records the command line only\n")
+    c.write_file(GUEST_KERNEL, kernel_image(CURRENT))
+    c.write_file(OLD_KERNEL, kernel_image(["luo-v4", "memfd-v2", "kho-v4"], "xz"))
     c.sh("systemctl daemon-reload && systemctl enable luod.socket luod.service luo-demo-cache.service", check=True)
     c.sh("systemctl start luod.service", check=True)
 
@@ -118,14 +143,17 @@ class LiveUpdateBed:
         return dict(json.loads(self.c.sh("liveupdatectl --json=short status", check=True).stdout))
 
     def kexec(self, trigger: str, timeout: float = 120.0) -> float:
-        """Starts a kexec (liveupdatectl, or kexec.target as systemctl kexec does) and waits until the
+        """Starts a kexec (one of TRIGGERS) and waits until the
         container has gone down by it; returns when that was."""
         c = self.c
         if trigger == "liveupdatectl":
             c.sh(f"liveupdatectl kexec --kernel {GUEST_KERNEL}", check=True, timeout=120)
-        else:  # systemd's own kexec, without liveupdatectl's pre-flight (a kernel is loaded first)
+        elif trigger == "kexec.target":  # systemd's own kexec of a kernel another tool loaded
             c.sh(f"luo-emu load {GUEST_KERNEL} --cmdline 'kho=on liveupdate=on'", check=True)
             c.start_kexec()
+        else:  # prepared, then the signal fleet tools send to PID 1 (kured's signal method)
+            c.sh(f"liveupdatectl prepare {GUEST_KERNEL}", check=True, timeout=120)
+            c.sh(SIGRTMIN_6_TO_PID1, check=True)
         code = c.wait_exit(timeout=timeout)
         if code != 0 or c.shutdown_kind() not in (None, "kexec"):
             raise harness.HarnessError(f"the container went down with {code} ({c.shutdown_kind()})")
@@ -144,6 +172,7 @@ class LiveUpdateBed:
         after = demo_status(c)
         status_after = self.luod_status()
         warnings = c.sh("journalctl -b --no-pager -o cat _PID=1 | grep -F 50-liveupdate.conf", timeout=30).stdout
+        verify = c.sh("liveupdatectl --json=short verify", timeout=30)
         return Outcome(
             self.suite,
             str(c.systemd_version),
@@ -155,6 +184,8 @@ class LiveUpdateBed:
             status_after,
             status_after["phase"] == "idle",
             warnings.splitlines(),
+            json.loads(verify.stdout),
+            verify.returncode,
         )
 
     def refused_update(self) -> dict[str, Any]:
@@ -175,6 +206,88 @@ class LiveUpdateBed:
             "same_process": after["pid"] == before["pid"],
             "luod": self.luod_status(),
             "system": self.c.system_state(),
+        }
+
+    def refused_target(self) -> dict[str, Any]:
+        """A kernel of another LUO format: prepare and kexec refuse it; nothing is loaded, nothing stopped."""
+        before = demo_status(self.c)
+        prepare = self.c.sh(f"liveupdatectl prepare {OLD_KERNEL}", timeout=120)
+        kexec = self.c.sh(f"liveupdatectl kexec --kernel {OLD_KERNEL}", timeout=120)
+        after = dict(json.loads(self.c.read_file("/run/luo-demo/status.json")))
+        return {
+            "prepare": (prepare.returncode, prepare.stderr),
+            "kexec": (kexec.returncode, kexec.stderr),
+            "loaded": self.emulator.status()["kernel"],
+            "demo": self.c.sh("systemctl is-active luo-demo-cache.service").stdout.strip(),
+            "same_process": after["pid"] == before["pid"],
+        }
+
+    def refused_memory(self) -> dict[str, Any]:
+        """A unit stores a sparse 1 TiB memfd (it costs nothing now; the preserve would fill it)."""
+        self.c.write_file("/usr/local/bin/luo-sparse", SPARSE_SERVICE, mode=0o755)
+        self.c.write_file("/etc/systemd/system/luo-sparse.service", SPARSE_UNIT)
+        self.c.sh("systemctl daemon-reload && systemctl start luo-sparse.service", check=True, timeout=60)
+        demo_status(self.c)
+        kexec = self.c.sh(f"liveupdatectl kexec --kernel {GUEST_KERNEL}", timeout=120)
+        preflight = self.c.sh("liveupdatectl --json=short preflight", timeout=60)
+        return {
+            "kexec": (kexec.returncode, kexec.stderr),
+            "preflight": json.loads(preflight.stdout),
+            "active": self.c.sh("systemctl is-active luo-demo-cache.service luo-sparse.service").stdout.split(),
+        }
+
+    def blocked_shutdown(self) -> dict[str, Any]:
+        """The old kernel loaded behind liveupdatectl's back: luod blocks shutdown through logind, giving the
+        pre-flight's reason; systemctl reports it."""
+        c = self.c
+        c.sh(f"luo-emu load {OLD_KERNEL} --cmdline 'kho=on liveupdate=on'", check=True)
+        listing = self.wait_inhibitors(lambda text: "luod" in text)
+        checked = {verb: c.sh(f"systemctl --check-inhibitors=yes {verb}", timeout=60) for verb in ("kexec", "reboot")}
+        if c.systemd_version is not None and c.systemd_version < 257:  # root goes through: it would reboot
+            plain = None
+        else:
+            plain = c.sh("systemctl reboot", timeout=60)  # root, no tty: what a fleet tool runs
+            time.sleep(2)
+        still_running = c.running
+        c.sh("luo-emu unload", check=True)  # what kexec -u is for a real kernel
+        released = self.wait_inhibitors(lambda text: "luod" not in text)
+        return {
+            "inhibitors": listing,
+            "checked": {verb: (p.returncode, p.stderr) for verb, p in checked.items()},
+            "plain_reboot": None if plain is None else (plain.returncode, plain.stderr),
+            "still_running": still_running,
+            "released": "luod" not in released,
+        }
+
+    def wait_inhibitors(self, done: Callable[[str], bool], timeout: float = 40.0) -> str:
+        """``systemd-inhibit --list`` once ``done`` says so (luod re-checks every 15 s)."""
+        deadline = time.monotonic() + timeout
+        listing = self.c.sh("systemd-inhibit --list --mode=block --no-pager").stdout
+        while not done(listing) and time.monotonic() < deadline:
+            time.sleep(1)
+            listing = self.c.sh("systemd-inhibit --list --mode=block --no-pager").stdout
+        return str(listing)
+
+    def refused_signal(self) -> dict[str, Any]:
+        """SIGRTMIN+6 with the old kernel loaded: luod refuses at the first stop hook and unloads the kernel, so
+        the machine reboots instead of kexecing into a kernel that would not understand LUO's state."""
+        c = self.c
+        before = demo_status(c)
+        c.sh(f"luo-emu load {OLD_KERNEL} --cmdline 'kho=on liveupdate=on'", check=True)
+        c.sh(SIGRTMIN_6_TO_PID1, check=True)
+        code = c.wait_exit(timeout=120)
+        went_down = c.shutdown_kind()
+        carried = self.emulator.status()
+        c.boot()
+        c.wait_running()
+        after = demo_status(c)
+        return {
+            "exit": code,
+            "went_down": went_down,
+            "carried": carried["incoming"],
+            "rebuilt": not after["restored"] and after["pid"] != before["pid"],
+            "luod_log": journal(c, "luod.service", boot="-1"),
+            "verify": c.sh("liveupdatectl verify").returncode,
         }
 
     def kill_agent(self) -> str:
@@ -203,6 +316,8 @@ def report(o: Outcome) -> str:
         f"counter carried on from {a['counter_at_start']}, LIVEUPDATE_COUNT={a['live_update_count']}",
         f"  blackout (kexec request to service ready): {o.blackout_sec:.2f}s",
         f"  luod after: phase {o.status_after['phase']}, live updates {o.status_after['live_update_count']}",
+        f"  verify: {o.verify['verdict']} (exit {o.verify_exit}), "
+        f"{o.verify['RestoredUnitsCount']}/{o.verify['CarriedUnitsCount']} unit(s) have their fds back",
         *(f"  systemd warned: {w}" for w in o.unit_warnings),
         f"  result: {'PASS' if o.ok else 'FAIL'}",
     ]
@@ -213,7 +328,7 @@ def demo_arguments(doc: Optional[str], default_suite: str, argv: Optional[list[s
     """--suite, --trigger and the .debs, for this demo and the VM's (vm_update.py)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     parser.add_argument("--suite", default=default_suite, choices=harness.SUITES)
-    parser.add_argument("--trigger", default="liveupdatectl", choices=["liveupdatectl", "kexec.target"])
+    parser.add_argument("--trigger", default="liveupdatectl", choices=TRIGGERS)
     parser.add_argument("debs", nargs="+", type=Path)
     return parser.parse_args(argv)
 

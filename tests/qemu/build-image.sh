@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# build-image.sh SUITE BZIMAGE DEB — build (once, cached) the ext4 disk image of the systemd tier.
+# build-image.sh SUITE BZIMAGE DEB [MISMATCH_BZIMAGE] — build (once, cached) the ext4 disk image of the systemd tier.
 #
 # From the cached debootstrap tree (tests/nspawn/build-rootfs.sh SUITE): a copy of the tree, the project's
 # luo-systemd .deb installed with dpkg in a chroot (never the emulator package: this guest has a real
@@ -8,6 +8,8 @@
 # SUITE sid (systemd >= 261) also gets guest/luo-native-cache.service, checked by the driver.  A tree with
 # QEMU (SUITE sid-qemu: tests/nspawn/build-qemu-rootfs.sh) also gets luo-qemu@demo.service with the demo
 # guest (demo/vm), which the driver checks across the kexecs too.
+# MISMATCH_BZIMAGE (a kernel of another LUO format) goes to /boot/bzImage-luo-v6 for the driver's refusal test.
+# luod is told that the running kernel's image is /boot/bzImage (qemu boots it with -kernel, not from /boot).
 #
 # Cache: $LUO_CACHE/qemu-systemd/images/SUITE-<key>.img, key = sha256 of the tree's stamp, the kernel, the
 # .deb, the guest files, the demo and this script.  Older images of the same suite are deleted.
@@ -26,6 +28,7 @@ DEMO_MB=${LUO_DEMO_CACHE_MB:-64}
 SUITE=${1:?usage: build-image.sh SUITE BZIMAGE DEB}
 BZ=${2:?bzImage}
 DEB=${3:?luo-systemd .deb}
+MISMATCH=${4:-}
 ROOTFS=$CACHE/rootfs/$SUITE
 GUEST=$HERE/guest
 
@@ -46,7 +49,7 @@ VM=0
 KEY=$( {
     echo "suite=$SUITE size=$SIZE demo_mb=$DEMO_MB native=$NATIVE"
     cat "$ROOTFS/.luo-rootfs-stamp"
-    sha256sum "$BZ" "$DEB" | cut -d' ' -f1
+    sha256sum "$BZ" "$DEB" ${MISMATCH:+"$MISMATCH"} | cut -d' ' -f1
     cat "$0" "$GUEST"/* "$REPO/demo/luo-demo-cache" "$REPO/demo/luo-demo-cache.service"
     if ((VM)); then cat "$REPO"/demo/vm/*; fi
 } | sha256sum | cut -c1-16)
@@ -98,7 +101,18 @@ if ((VM)); then
     units+=" luo-qemu@demo.service"
     vmcfg=', "vm": "demo"'
 fi
-printf '{"suite": "%s", "native": %s%s}\n' "$SUITE" "$([[ $NATIVE == 1 ]] && echo true || echo false)" "$vmcfg" > "$R/etc/luotest.json"
+install -d "$R/etc/luod/luod.toml.d"
+printf '[agent]\nrunning_kernel_image = "/boot/bzImage"\n' > "$R/etc/luod/luod.toml.d/50-qemu-kernel.toml"
+# On sid (262; systemd >= 255 turns "systemctl reboot" into a kexec when a kernel is loaded) one more update.
+updates='"liveupdatectl", "systemctl-kexec"'
+[[ $SUITE == sid ]] && updates+=', "systemctl-reboot"'
+mismatch_json=
+if [[ -n $MISMATCH ]]; then
+    install -D -m 0644 "$MISMATCH" "$R/boot/bzImage-luo-v6"
+    mismatch_json=', "mismatch": "/boot/bzImage-luo-v6"'
+fi
+printf '{"suite": "%s", "native": %s, "updates": [%s]%s%s}\n' "$SUITE" "$([[ $NATIVE == 1 ]] && echo true || echo false)" \
+    "$updates" "$mismatch_json" "$vmcfg" > "$R/etc/luotest.json"
 printf '/dev/vda / ext4 rw,errors=remount-ro 0 0\n' > "$R/etc/fstab"
 echo "luo-qemu-$SUITE" > "$R/etc/hostname"
 # The test kernel has no module support (CONFIG_MODULES is unset); systemd 257 (trixie) fails this unit when

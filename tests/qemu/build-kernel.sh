@@ -5,6 +5,9 @@
 # Env:   LUO_CACHE        cache root (default /var/cache/luo-systemd)
 #        LUO_SID_UPDATE=1 refresh the private sid apt lists first (may pick a newer kernel => rebuild)
 #        LUO_KERNEL_PKG   force a source package name (e.g. linux-source-7.2)
+#        LUO_ABI_VARIANT  build a kernel whose LUO format identifier is this instead (e.g. luo-v6): a copy of
+#                         the source tree with LUO_ABI_COMPATIBLE patched, cached under its own key; the
+#                         pre-flight must refuse it (tests/test_qemu_systemd.py)
 #
 # Steps: install host build deps if missing (bookworm, normal sources) -> find the newest
 # linux-source-7.* in the sid lists (sid-apt.sh, a separate apt config) -> download + unpack once into
@@ -52,7 +55,9 @@ PKG=${LUO_KERNEL_PKG:-$("$SID_APT" newest 'linux-source-7\.[0-9]+')}
 VERSION=$("$SID_APT" apt-cache show "$PKG" | awk '$1=="Version:" {print $2; exit}')
 [[ -n $VERSION ]] || die "cannot read the version of $PKG from the sid lists"
 
-KEY=$( { printf '%s %s\n' "$PKG" "$VERSION"; cat "$FRAGMENT"; } | sha256sum | cut -c1-16)
+VARIANT=${LUO_ABI_VARIANT:-}
+[[ -z $VARIANT || $VARIANT =~ ^luo-v[0-9]+$ ]] || die "LUO_ABI_VARIANT must look like luo-vN, not $VARIANT"
+KEY=$( { printf '%s %s%s\n' "$PKG" "$VERSION" "${VARIANT:+ $VARIANT}"; cat "$FRAGMENT"; } | sha256sum | cut -c1-16)
 OUT=$CACHE/build/$KEY
 BZ=$OUT/arch/x86/boot/bzImage
 SRC_BASE=$CACHE/src/${PKG}_$VERSION
@@ -86,6 +91,19 @@ if [[ ! -f $SRC_BASE/.unpacked ]]; then
 fi
 SRC=$(find "$SRC_BASE" -mindepth 1 -maxdepth 1 -type d -name 'linux-source-*' | head -n1)
 [[ -n $SRC && -f $SRC/Makefile ]] || die "unpacked source tree not found under $SRC_BASE"
+if [[ -n $VARIANT ]]; then
+    # Hard links share every file with the original tree; sed -i writes the one patched file anew.
+    VSRC=$SRC_BASE-$VARIANT/$(basename "$SRC")
+    if [[ ! -f $VSRC/.luo-variant ]]; then
+        rm -rf "$SRC_BASE-$VARIANT"; mkdir -p "$SRC_BASE-$VARIANT"
+        cp -al "$SRC" "$VSRC"
+        sed -i -E "s/^(#define LUO_ABI_COMPATIBLE\s+)\"luo-v[0-9]+\"/\1\"$VARIANT\"/" "$VSRC/include/linux/kho/abi/luo.h"
+        grep -q "\"$VARIANT\"" "$VSRC/include/linux/kho/abi/luo.h" || die "could not patch LUO_ABI_COMPATIBLE"
+        touch "$VSRC/.luo-variant"
+    fi
+    SRC=$VSRC
+    log "LUO format variant $VARIANT (source copy $SRC)"
+fi
 
 # --- configure + verify ----------------------------------------------------------------------------
 log "configuring $PKG $VERSION in $OUT"

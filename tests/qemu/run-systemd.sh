@@ -5,10 +5,14 @@
 # tier's debootstrap tree + the project's luo-systemd .deb + the demo + the in-guest driver guest/luotest)
 # from virtio-blk, root=/dev/vda.  Each run writes to its own qcow2 overlay.  Inside the guest:
 #   boot 1: luod + luo-demo-cache run; liveupdatectl kexec --kernel /boot/bzImage  -> real kexec
-#   boot 2: the demo is restored (same sha256, LIVEUPDATE_RESTORED=1, count 1), luod idle;
-#           kexec -s -l /boot/bzImage --reuse-cmdline; systemctl kexec           -> real kexec
+#   boot 2: the demo is restored (same sha256, LIVEUPDATE_RESTORED=1, count 1), luod idle, verify ok;
+#           liveupdatectl prepare /boot/bzImage; systemctl kexec                 -> real kexec
 #   boot 3: restored again (count 2); verdict; reboot, and qemu (-no-reboot) exits.
-# sid (systemd >= 261) adds luo-native-cache.service, whose fd store systemd itself carries through LUO.
+# sid (systemd >= 261) adds luo-native-cache.service, whose fd store systemd itself carries through LUO, and
+#   boot 3: liveupdatectl prepare; plain systemctl reboot (a kexec, since a kernel is loaded) -> boot 4
+#   boot 4: restored (count 3); a second kernel build whose LUO format is luo-v6 (build-kernel.sh with
+#           LUO_ABI_VARIANT) is refused by prepare and, loaded by kexec-tools, blocks systemctl reboot;
+#           then, for the record, liveupdatectl kexec --force into it: its console shows what it does.
 # sid-qemu adds QEMU and luo-qemu@demo.service: a guest (nested TCG) that keeps running across both kexecs.
 # Pass/fail and the blackout come from the serial log (systemd_verdict.py); the exit status is 0 iff PASS.
 #
@@ -40,6 +44,11 @@ case $SUITE in bookworm | trixie | sid | sid-qemu) ;; *) die "usage: run-systemd
 t=$(now)
 BZ=$("$HERE/build-kernel.sh" ${LUO_KERNEL_FRAGMENT:+"$LUO_KERNEL_FRAGMENT"})
 [[ -f $BZ ]] || die "build-kernel.sh did not yield a bzImage (got '$BZ')"
+MISMATCH=
+if [[ $SUITE == sid ]]; then
+    MISMATCH=$(LUO_ABI_VARIANT=luo-v6 "$HERE/build-kernel.sh" ${LUO_KERNEL_FRAGMENT:+"$LUO_KERNEL_FRAGMENT"} | tail -n1)
+    [[ -f $MISMATCH ]] || die "build-kernel.sh (LUO_ABI_VARIANT=luo-v6) did not yield a bzImage"
+fi
 T_KERNEL=$(since "$t")
 t=$(now)
 if [[ $SUITE == *-qemu ]]; then
@@ -54,7 +63,7 @@ DEB=$(grep -E '/luo-systemd_[^/]*_all\.deb$' <<< "$DEBS" | tail -n1)
 [[ -f $DEB ]] || die "packaging/build-deb.sh did not yield luo-systemd_*.deb (got: $DEBS)"
 T_DEB=$(since "$t")
 t=$(now)
-IMG=$("$HERE/build-image.sh" "$SUITE" "$BZ" "$DEB")
+IMG=$("$HERE/build-image.sh" "$SUITE" "$BZ" "$DEB" $MISMATCH)
 [[ -f $IMG ]] || die "build-image.sh did not yield an image (got '$IMG')"
 T_IMAGE=$(since "$t")
 command -v qemu-img > /dev/null || {
@@ -97,6 +106,7 @@ log "qemu exited with $rc after ${T_QEMU}s"
 
 set +e
 python3 "$HERE/systemd_verdict.py" "$LOGDIR/serial.ts" --suite "$SUITE" --qemu-rc "$rc" --qemu-seconds "$T_QEMU" \
+    --updates "$([[ $SUITE == sid ]] && echo 3 || echo 2)" ${MISMATCH:+--forced} \
     --inputs "kernel=${T_KERNEL}s rootfs=${T_ROOTFS}s deb=${T_DEB}s image=${T_IMAGE}s" | tee "$LOGDIR/summary.txt"
 verdict=${PIPESTATUS[0]}
 set -e
