@@ -3,6 +3,7 @@ distributions use, and the pre-flight's verdict on them."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,11 +11,14 @@ from pathlib import Path
 import pytest
 
 from luo_systemd import kernel_format
+from luo_systemd.broker import Problem
 from luo_systemd.errors import UnreadableImage
+from luo_systemd.inhibitor import block_reason
 from luo_systemd.kernel_format import ImageFormats, format_mismatches, image_formats, read_image
-from luo_systemd.kexec import LoadedState
+from luo_systemd.kexec import KernelImage, LoadedState, NextKernel, read_next_kernel
 from luo_systemd.kexec_preflight import loaded_kernel_problems
-from tests.images import CURRENT, bzimage, compress, fake_vmlinux, zboot
+from luo_systemd.runfiles import write_json
+from tests.images import CURRENT, bzimage, compress, fake_vmlinux, write_kernel, zboot
 
 METHODS = ["gzip", "xz", "lzma", "bzip2", "zstd", "lz4"]
 
@@ -114,3 +118,28 @@ def test_loaded_kernel_problems() -> None:
         "the running kernel's LUO format is unknown: no image of the running kernel 7.2.13 in /boot "
         "(see agent.running_kernel_image)"
     ]
+
+
+def test_the_loaded_kernel_record(tmp_path: Path) -> None:
+    """liveupdatectl records what it loaded (the kernel cannot say); luod reads the formats back."""
+    kernel = write_kernel(tmp_path / "vmlinuz", ["luo-v4", "memfd-v2", "kho-v4"], "zstd")
+    record = NextKernel.of(KernelImage(str(kernel), None, "kho=on liveupdate=on"))
+    assert record.identifiers == ("kho-v4", "luo-v4", "memfd-v2") and record.compression == "zstd"
+    path = str(tmp_path / "run" / "next-kernel.json")
+    write_json(path, dataclasses.asdict(record))
+    assert read_next_kernel(path) == record
+    (tmp_path / "run" / "next-kernel.json").write_text("{not json")
+    assert read_next_kernel(path) is None, "a damaged record counts as no record"
+    broken = NextKernel.of(KernelImage(str(tmp_path / "missing"), None, ""))
+    assert broken.formats() is None and "cannot read" in broken.unreadable
+
+
+def test_block_reason() -> None:
+    problems = [Problem("", "LUO format luo: running kernel luo-v5, target kernel luo-v6")]
+    assert block_reason(armed=False, loaded=True, problems=problems) == (
+        "the loaded kernel fails the live-update pre-flight: LUO format luo: running kernel luo-v5, "
+        "target kernel luo-v6 (liveupdatectl preflight)"
+    )
+    assert block_reason(armed=False, loaded=False, problems=problems) is None
+    assert block_reason(armed=True, loaded=True, problems=problems) is None
+    assert block_reason(armed=False, loaded=True, problems=[]) is None

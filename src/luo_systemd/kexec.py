@@ -22,6 +22,7 @@ from luo_systemd.config import Config
 from luo_systemd.errors import KernelError, NotFound, UnreadableImage
 from luo_systemd.kernel_format import ImageFormats, read_image
 from luo_systemd.liveupdate import EmuControl, EmulatorTransport
+from luo_systemd.runfiles import read_json, write_json
 
 LIVE_UPDATE_ARGS = ("kho=on", "liveupdate=on")
 # Set by boot loaders for the running kernel only; kexec-tools' --reuse-cmdline drops them too.
@@ -126,18 +127,11 @@ class NextKernel:
         return None if self.unreadable else ImageFormats(frozenset(self.identifiers), self.compression)
 
 
-def write_next_kernel(path: str, record: NextKernel) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(dataclasses.asdict(record), f)
-    os.replace(tmp, path)
-
-
 def read_next_kernel(path: str) -> Optional[NextKernel]:
     try:
-        with open(path) as f:
-            doc = json.load(f)
+        doc = read_json(path)
+        if doc is None:
+            return None
         return NextKernel(
             str(doc["kernel"]),
             doc["initrd"] if isinstance(doc["initrd"], str) else None,
@@ -146,8 +140,6 @@ def read_next_kernel(path: str) -> Optional[NextKernel]:
             str(doc["compression"]),
             str(doc["unreadable"]),
         )
-    except FileNotFoundError:
-        return None
     except (OSError, ValueError, KeyError, TypeError):
         return None  # a damaged record says nothing: the format counts as unknown
 
@@ -192,7 +184,7 @@ class KernelLoader:
             raise KernelError(
                 f"Failed to load {image.kernel}", e.errno or errno.EIO, reasons.get(e.errno or 0, e.strerror or "")
             ) from None
-        write_next_kernel(self.next_kernel_file, record)
+        write_json(self.next_kernel_file, dataclasses.asdict(record))
 
     def unload(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
-import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
 from luo_systemd.errors import ExitCode
 from luo_systemd.manifest import Manifest
+from luo_systemd.runfiles import read_json, write_json
 
 
 class Outcome(str, enum.Enum):
@@ -61,18 +60,12 @@ def last_update_of(manifest: Manifest) -> LastUpdate:
 
 
 def write_last_update(path: str, last: LastUpdate) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(dataclasses.asdict(last), f)
-    os.replace(tmp, path)
+    write_json(path, dataclasses.asdict(last))
 
 
 def read_last_update(path: str) -> Optional[LastUpdate]:
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except FileNotFoundError:
+    doc = read_json(path)
+    if doc is None:
         return None
     return LastUpdate(int(doc["count"]), str(doc["previous_kernel"]), int(doc["written_usec"]), dict(doc["units"]))
 

@@ -5,8 +5,10 @@ Each line of serial.ts is "HOST_EPOCH_SECONDS TEXT".  The guest driver (guest/lu
 "LUOTEST boot=N event=E key=value ..." lines; the kernel prints one "Linux version" banner per boot; systemd
 prints "Started <unit> - <description>" to the console when a Type=notify service sends READY=1.
 
-PASS iff: qemu ended by itself (no timeout), exactly 1 + UPDATES kernel banners, a LUOTEST boot line for each
-boot, no failed check, the last boot's result=PASS, no kernel panic.
+PASS iff: qemu ended by itself (no timeout), exactly 1 + --updates kernel banners, a LUOTEST boot line for each
+boot, no failed check, the last boot's result=PASS, no kernel panic.  With --forced the driver then kexecs
+with --force into a kernel of another LUO format: one more banner is expected, and what that kernel printed
+about LUO (a panic included) is reported, not judged.
 Blackouts (from the kexec request to the demo's READY=1) are given three ways:
   host    the host's clock: the serial line of the request vs systemd's "Started" line in the next boot
           (the line is printed when the job completes, i.e. right after READY=1)          <- trusted
@@ -23,7 +25,6 @@ import re
 import sys
 from typing import Any, Optional
 
-UPDATES = 2
 KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 DEMO = "luo-demo-cache.service"
 NATIVE = "luo-native-cache.service"
@@ -60,7 +61,10 @@ def main() -> int:
     ap.add_argument("--qemu-rc", type=int, default=0)
     ap.add_argument("--qemu-seconds", type=float, default=None)
     ap.add_argument("--inputs", default="")
+    ap.add_argument("--updates", type=int, default=2, help="live updates the driver makes")
+    ap.add_argument("--forced", action="store_true", help="the driver ends with a forced kexec of another format")
     a = ap.parse_args()
+    updates = a.updates
 
     lines: list[tuple[float, str]] = []
     with open(a.ts, encoding="utf-8", errors="replace", newline="\n") as f:
@@ -74,6 +78,7 @@ def main() -> int:
     events: list[dict[str, Any]] = []
     started: dict[tuple[int, str], float] = {}
     panics = []
+    forced_lines: list[str] = []
     for t, text in lines:
         if "Linux version" in text:
             boot += 1
@@ -83,6 +88,8 @@ def main() -> int:
         for unit, rx in STARTED.items():
             if rx.search(text) and (boot, unit) not in started:
                 started[(boot, unit)] = t
+        if a.forced and boot > 1 + updates and re.search(r"(?i)luo|liveupdate|kho|panic|incompatible", text):
+            forced_lines.append(text)
         i = text.find("LUOTEST ")
         if i >= 0:
             ev = parse_kv(text[i + len("LUOTEST ") :])
@@ -98,9 +105,13 @@ def main() -> int:
         problems.append(f"qemu timed out (rc {a.qemu_rc})")
     elif a.qemu_rc != 0:
         problems.append(f"qemu exited with {a.qemu_rc}")
-    if len(banners) != 1 + UPDATES:
-        problems.append(f"{len(banners)} kernel boot(s), want {1 + UPDATES}")
-    for b in range(1, 2 + UPDATES):
+    forced = evs("forced-request")
+    want_banners = 1 + updates + (1 if a.forced else 0)
+    if len(banners) != want_banners:
+        problems.append(f"{len(banners)} kernel boot(s), want {want_banners}")
+    if a.forced and not forced:
+        problems.append("the driver never made the forced kexec")
+    for b in range(1, 2 + updates):
         if not evs("boot", b):
             problems.append(f"no LUOTEST line from boot {b}")
     checks = evs("check")
@@ -109,11 +120,12 @@ def main() -> int:
         problems.append("check failed: " + " ".join(f"{k}={v}" for k, v in c.items() if not k.startswith("_")))
     for e in evs("traceback"):
         problems.append("guest traceback: " + e.get("line", ""))
-    results = evs("result")
+    results = [e for e in evs("result") if e.get("result") != "FORCED"]
     last = results[-1] if results else {}
-    if last.get("result") != "PASS" or last.get("boot") != str(1 + UPDATES):
+    if last.get("result") != "PASS" or last.get("boot") != str(1 + updates):
         problems.append(f"guest result: {last.get('result', 'none')} in boot {last.get('boot', '?')}")
-    problems += [f"kernel panic: {p}" for p in panics]
+    forced_t = forced[0]["_t"] if forced else None
+    problems += [f"kernel panic: {p}" for p in panics if forced_t is None]
 
     # --- summary -----------------------------------------------------------------------------------------
     out = []
@@ -135,7 +147,7 @@ def main() -> int:
             f"{fnum(demo0.get('build_or_restore')) or 0:.2f}s, sha256 {str(demo0.get('sha256'))[:16]}…"
         )
     blackout_rows = []
-    for n in range(1, 1 + UPDATES):
+    for n in range(1, 1 + updates):
         req = (evs("kexec-request", n) or [{}])[0]
         if not req:
             continue
@@ -191,6 +203,26 @@ def main() -> int:
                 f"    boot {n + 1}: driver running at guest uptime {new_boot.get('uptime')}s, "
                 f"system {new_boot.get('system')}"
             )
+    for e in evs("verify"):
+        out.append(
+            f"  boot {e.get('boot')}: liveupdatectl verify: {e.get('verdict')} (exit {e.get('rc')}), "
+            f"{e.get('restored')}/{e.get('carried')} unit(s) have their fds back, LiveUpdatesCount {e.get('count')}"
+        )
+    for _, text in lines:
+        if "LUOVERIFY " in text:
+            out.append("    " + text[text.find("LUOVERIFY ") :])
+    for e in evs("mismatch-prepare"):
+        out.append(f"  mismatch: liveupdatectl prepare luo-v6 kernel -> exit {e.get('rc')}: {e.get('err')}")
+    for e in evs("mismatch-inhibitor"):
+        out.append(f"  mismatch: loaded anyway (prepare --force), inhibitors: {e.get('listing')}")
+    for e in evs("mismatch-reboot"):
+        out.append(f"  mismatch: systemctl reboot -> exit {e.get('rc')}: {e.get('err')}")
+    if forced:
+        started_f = (evs("forced-started") or [{}])[0]
+        out.append(f"  forced: liveupdatectl kexec --force into the luo-v6 kernel -> rc {started_f.get('rc')}")
+        out += [f"  forced kernel: {line}" for line in forced_lines[:40]]
+        for e in evs("after-forced"):
+            out.append(f"  forced kernel booted user space: luod phase {e.get('phase')}, problems {e.get('problems')}")
     for e in evs("ebusy"):
         if e.get("lines") not in ("0", None):
             out.append(
