@@ -163,7 +163,10 @@ def main() -> int:
                 f"{fnum(started_evt.get('seconds')) or 0:.2f}s, rc {started_evt.get('rc')}"
             )
         if load_evt:
-            out.append(f"    kexec -s -l took {fnum(load_evt.get('seconds')) or 0:.2f}s (before the request)")
+            out.append(
+                f"    {load_evt.get('tool')} (pre-flight + kexec_file_load) took "
+                f"{fnum(load_evt.get('seconds')) or 0:.2f}s (before the request)"
+            )
         if banner is not None:
             out.append(f"    request -> new kernel's banner (host): {banner - req['_t']:.2f}s")
         for unit, label in ((DEMO, "demo (luod)"), (NATIVE, "native (systemd's own LUO)")):
