@@ -44,10 +44,6 @@ if ((${#missing[@]})); then
         || { apt_get update && apt_get install -y --no-install-recommends "${missing[@]}"; }
 fi
 
-# --- one build at a time per cache dir ---------------------------------------------------------------
-exec 9>"$CACHE/build-kernel.lock"
-flock 9
-
 # --- which linux-source ---------------------------------------------------------------------------
 [[ ${LUO_SID_UPDATE:-0} == 1 ]] && "$SID_APT" update >&2
 PKG=${LUO_KERNEL_PKG:-$("$SID_APT" newest 'linux-source-7\.[0-9]+')}
@@ -62,11 +58,17 @@ OUT=$CACHE/build/$KEY
 BZ=$OUT/arch/x86/boot/bzImage
 SRC_BASE=$CACHE/src/${PKG}_$VERSION
 
+# --- one build per key at a time; the shared source tree under a lock of its own ----------------------
+mkdir -p "$CACHE/build"
+exec 9>"$CACHE/build/.$KEY.lock"
+flock 9
 if [[ -f $BZ && -f $OUT/.luo-build-ok ]]; then
     log "cached: $PKG $VERSION, fragment $(basename "$FRAGMENT"), key $KEY (nothing to do)"
     echo "$BZ"
     exit 0
 fi
+exec 8>"$CACHE/build-kernel.lock"
+flock 8
 
 T0=$(date +%s)
 
@@ -104,6 +106,7 @@ if [[ -n $VARIANT ]]; then
     SRC=$VSRC
     log "LUO format variant $VARIANT (source copy $SRC)"
 fi
+flock -u 8  # the source tree is ready: builds of other keys may go on alongside
 
 # --- configure + verify ----------------------------------------------------------------------------
 log "configuring $PKG $VERSION in $OUT"
