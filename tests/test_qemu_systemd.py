@@ -72,5 +72,4 @@ def test_live_update_sid() -> None:
     out = run_systemd("sid")
     check_summary(out, ["liveupdatectl", "systemctl-kexec", "systemctl-reboot"], native=True)
     assert re.search(r"mismatch: liveupdatectl prepare luo-v6 kernel -> exit 3: .*target kernel luo-v6", out), out
-    assert re.search(r"mismatch: systemctl reboot -> exit [1-9]", out), out
     assert "forced: liveupdatectl kexec --force into the luo-v6 kernel -> rc 0" in out, out

@@ -216,10 +216,6 @@ def main() -> int:
             out.append("    " + text[text.find("LUOVERIFY ") :])
     for e in evs("mismatch-prepare"):
         out.append(f"  mismatch: liveupdatectl prepare luo-v6 kernel -> exit {e.get('rc')}: {e.get('err')}")
-    for e in evs("mismatch-inhibitor"):
-        out.append(f"  mismatch: loaded anyway (prepare --force), inhibitors: {e.get('listing')}")
-    for e in evs("mismatch-reboot"):
-        out.append(f"  mismatch: systemctl reboot -> exit {e.get('rc')}: {e.get('err')}")
     if forced:
         started_f = (evs("forced-started") or [{}])[0]
         out.append(f"  forced: liveupdatectl kexec --force into the luo-v6 kernel -> rc {started_f.get('rc')}")
