@@ -11,7 +11,7 @@
 # sid (systemd >= 261) adds luo-native-cache.service, whose fd store systemd itself carries through LUO, and
 #   boot 3: liveupdatectl prepare; plain systemctl reboot (a kexec, since a kernel is loaded) -> boot 4
 #   boot 4: restored (count 3); a second kernel build whose LUO format is luo-v6 (build-kernel.sh with
-#           LUO_ABI_VARIANT) is refused by prepare and, loaded by kexec-tools, blocks systemctl reboot;
+#           LUO_ABI_VARIANT) is refused by the pre-flight (prepare exits 3, nothing is loaded);
 #           then, for the record, liveupdatectl kexec --force into it: its console shows what it does.
 # sid-qemu adds QEMU and luo-qemu@demo.service: a guest (nested TCG) that keeps running across both kexecs.
 # Pass/fail and the blackout come from the serial log (systemd_verdict.py); the exit status is 0 iff PASS.
