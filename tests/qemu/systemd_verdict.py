@@ -90,7 +90,7 @@ def main() -> int:
                 started[(boot, unit)] = t
         if a.forced and boot > 1 + updates and re.search(r"(?i)luo|liveupdate|kho|panic|incompatible", text):
             forced_lines.append(text)
-        i = text.find("LUOTEST ")
+        i = -1 if "LUOJOURNAL " in text else text.find("LUOTEST ")  # journal dumps quote earlier lines
         if i >= 0:
             ev = parse_kv(text[i + len("LUOTEST ") :])
             ev["_t"] = t
@@ -212,13 +212,12 @@ def main() -> int:
             f"{e.get('restored')}/{e.get('carried')} unit(s) have their fds back, LiveUpdatesCount {e.get('count')}"
         )
     for _, text in lines:
-        if "LUOVERIFY " in text:
+        if "LUOVERIFY " in text and "LUOJOURNAL " not in text:
             out.append("    " + text[text.find("LUOVERIFY ") :])
     for e in evs("mismatch-prepare"):
         out.append(f"  mismatch: liveupdatectl prepare luo-v6 kernel -> exit {e.get('rc')}: {e.get('err')}")
     if forced:
-        started_f = (evs("forced-started") or [{}])[0]
-        out.append(f"  forced: liveupdatectl kexec --force into the luo-v6 kernel -> rc {started_f.get('rc')}")
+        out.append(f"  forced: liveupdatectl kexec --force into the luo-v6 kernel ({forced[0].get('kernel')})")
         out += [f"  forced kernel: {line}" for line in forced_lines[:40]]
         for e in evs("after-forced"):
             out.append(f"  forced kernel booted user space: luod phase {e.get('phase')}, problems {e.get('problems')}")
