@@ -49,6 +49,7 @@ ExecStart=/usr/local/bin/luo-sparse
 
 [X-LiveUpdate]
 FileDescriptorNames=big
+BytesMax=2T
 """
 
 
