@@ -48,3 +48,18 @@ if [ ! -e "$stamp-test" ] && [ ! -e "$stamp${extra:+-$extra}" ]; then
     .venv/bin/pip install -q -e ".${extra:+[$extra]}" >&2
     touch "$stamp${extra:+-$extra}"
 fi
+
+# node_exporter for the metrics test (tests/harness.py NodeExporter): Debian's binary unpacked into the
+# cache, not installed, so that no exporter service starts on the host.
+node_exporter=${LUO_CACHE:-/var/cache/luo-systemd}/node-exporter
+if [ -n "$extra" ] && [ ! -x "$node_exporter/usr/bin/prometheus-node-exporter" ]; then
+    echo "bootstrap: unpacking prometheus-node-exporter into $node_exporter" >&2
+    download=$(mktemp -d)
+    chmod 755 "$download"  # apt downloads as _apt
+    (cd "$download" && { apt-get -o DPkg::Lock::Timeout=600 download prometheus-node-exporter >&2 ||
+        { apt-get -o DPkg::Lock::Timeout=600 update -qq >&2 && apt-get -o DPkg::Lock::Timeout=600 download prometheus-node-exporter >&2; }; })
+    rm -rf "$node_exporter.new"
+    dpkg-deb -x "$download"/prometheus-node-exporter_*.deb "$node_exporter.new"
+    rm -rf "$download" "$node_exporter"
+    mv "$node_exporter.new" "$node_exporter"
+fi

@@ -4,6 +4,7 @@ a private system bus, cgroups shaped like units, and a real luod."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,3 +80,13 @@ def agent(agent_unstarted: Agent) -> Agent:
     """luod running in luod.service, with demo.service and other.service opted in."""
     agent_unstarted.start()
     return agent_unstarted
+
+
+@pytest.fixture(scope="session")
+def debs() -> list[Path]:
+    """The project's Debian packages, built from the tree as it is (cached by packaging/build-deb.sh)."""
+    top = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [str(top / "packaging" / "build-deb.sh"), "--no-lintian"], check=True, capture_output=True, text=True
+    )
+    return [Path(line) for line in out.stdout.split()]

@@ -14,6 +14,8 @@ import sysconfig
 import tempfile
 import textwrap
 import threading
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
@@ -273,6 +275,7 @@ class Agent:
         self.policy_dir = directory / "generator"
         self.env_dir = directory / "env"
         self.config = directory / "luod.toml"
+        self.textfile = directory / "textfile" / "luo-systemd.prom"  # written once the directory exists
         self.config.write_text(
             textwrap.dedent(f"""\
             [agent]
@@ -281,6 +284,9 @@ class Agent:
             varlink_socket = "{self.varlink}"
             policy_dir = "{self.policy_dir}"
             env_dir = "{self.env_dir}"
+            metrics_file = "{self.textfile}"
+            last_update_file = "{directory / "last-update.json"}"
+            next_kernel_file = "{directory / "next-kernel.json"}"
             dbus = {"true" if bus else "false"}
             """)
         )
@@ -355,3 +361,48 @@ class Agent:
         argv = self.tree.argv(unit, [sys.executable, "-c", prologue + textwrap.dedent(code)], uid=uid)
         env = dict(os.environ, PYTHONPATH=python_path())
         return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
+class NodeExporter:
+    """Debian's prometheus-node-exporter with only the textfile collector, on 127.0.0.1 and a free port."""
+
+    # unpacked from Debian's package by scripts/bootstrap.sh --test
+    BINARY = Path(
+        os.environ.get("LUO_CACHE", "/var/cache/luo-systemd"), "node-exporter/usr/bin/prometheus-node-exporter"
+    )
+
+    def __init__(self, textfile_dir: Path) -> None:
+        with socket.socket() as s:  # a free port; node_exporter binds it a moment later
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                str(self.BINARY),
+                f"--web.listen-address={self.address}",
+                "--collector.disable-defaults",
+                "--collector.textfile",
+                f"--collector.textfile.directory={textfile_dir}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"node_exporter did not listen on {self.address}: {self.stop()}") from None
+                time.sleep(0.1)
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://{self.address}/metrics", timeout=10) as reply:
+            return str(reply.read().decode())
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        _, err = self.proc.communicate(timeout=20)
+        return err.decode(errors="replace")

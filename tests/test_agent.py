@@ -59,6 +59,29 @@ def test_store_preserve_kexec_restore_finish(agent: Agent, emulator: Emulator) -
     assert [(f["name"], f["state"]) for f in listing["fds"]] == [("cache", "stored")]  # carried forward
 
 
+def test_the_metrics_textfile_follows_each_change(agent: Agent) -> None:
+    """luod rewrites node_exporter's textfile when its state changes (scraped for real in test_e2e)."""
+    agent.textfile.parent.mkdir()  # node_exporter's directory appears: luod writes at the next change
+
+    def wait_for(line: str, present: bool = True) -> str:
+        deadline = time.monotonic() + 10
+        while True:
+            text = agent.textfile.read_text() if agent.textfile.exists() else ""
+            if (line in text.splitlines()) == present or time.monotonic() > deadline:
+                return text
+            time.sleep(0.05)
+
+    out = agent.run_as("demo.service", STORE_CACHE.format(content=pattern("demo", 3 * PAGE).hex()))
+    assert out.returncode == 0, out.stderr
+    text = wait_for('luo_unit_held_fds{unit="demo.service"} 1')
+    assert f'luo_unit_carried_bytes{{unit="demo.service"}} {3 * PAGE}' in text.splitlines()
+    assert "luo_units_opted_in 2" in text.splitlines() and "luo_live_updates_total 0" in text.splitlines()
+    assert not list(agent.textfile.parent.glob("*.tmp")), "replaced whole"
+    agent.call("Discard", {"unit": "demo.service"})
+    text = wait_for('luo_unit_held_fds{unit="demo.service"} 1', present=False)
+    assert "demo.service" not in text
+
+
 def test_a_unit_reaches_only_its_own_fds(agent: Agent) -> None:
     out = agent.run_as("demo.service", STORE_CACHE.format(content="00"))
     assert out.returncode == 0, out.stderr

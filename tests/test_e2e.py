@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
+from luo_systemd import journal
+from tests.harness import NodeExporter
 from tests.nspawn import harness
-from tests.nspawn.live_update import LiveUpdateBed, Outcome, report
+from tests.nspawn.live_update import GUEST_KERNEL, LiveUpdateBed, Outcome, demo_status, report
 
 TOP = Path(__file__).resolve().parent.parent
 OK, WHY = harness.available()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not OK, reason=f"skipped because {WHY}")]
-
-
-@pytest.fixture(scope="session")
-def debs() -> list[Path]:
-    build = [str(TOP / "packaging" / "build-deb.sh"), "--no-lintian"]
-    out = subprocess.run(build, check=True, capture_output=True, text=True)
-    return [Path(line) for line in out.stdout.split()]
 
 
 @pytest.fixture
@@ -157,3 +154,87 @@ def test_sigrtmin6_with_a_failing_kernel_reboots_instead_of_kexecing(bed: LiveUp
     assert "Refusing the kexec started without liveupdatectl, the pre-flight failed" in refused["luod_log"]
     assert LUO_V4 in refused["luod_log"] and "unloaded the kernel" in refused["luod_log"]
     assert refused["verify"] == 7, "verify: this boot did not follow a live update"
+
+
+# -- what a fleet sees: the journal and node_exporter's textfile collector
+
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"  # Debian's, luod's default metrics_file is there
+DEMO = "luo-demo-cache.service"
+
+
+def scrape_until(exporter: NodeExporter, done: Callable[[str], bool], timeout: float = 40.0) -> str:
+    """luod re-checks what it is not told about (a kernel loaded) every 15 s."""
+    deadline = time.monotonic() + timeout
+    scrape = exporter.scrape()
+    while not done(scrape) and time.monotonic() < deadline:
+        time.sleep(1)
+        scrape = exporter.scrape()
+    return scrape
+
+
+def metric(scrape: str, name: str) -> dict[str, float]:
+    """``{labels: value}`` of one metric in a scrape (labels as node_exporter prints them)."""
+    out = {}
+    for line in scrape.splitlines():
+        if line.startswith(name) and line[len(name)] in "{ ":
+            labels, _, value = line[len(name) :].rpartition(" ")
+            out[labels] = float(value)
+    return out
+
+
+@pytest.mark.skipif(
+    not Path(NodeExporter.BINARY).exists(), reason="skipped because prometheus-node-exporter is missing"
+)
+def test_the_journal_and_the_metrics_tell_a_live_update(debs: list[Path], tmp_path: Path) -> None:
+    textfiles = tmp_path / "textfiles"
+    textfiles.mkdir()
+    exporter = NodeExporter(textfiles)
+    try:
+        with LiveUpdateBed("bookworm", debs, tmp_path, binds=((str(textfiles), TEXTFILE_DIR),)) as bed:
+            demo_status(bed.c)
+            before = exporter.scrape()
+            outcome = bed.live_update("liveupdatectl")
+            check(outcome, 1)
+            bed.c.sh(f"systemctl is-active {DEMO}", check=True)
+            after = exporter.scrape()
+            old_boot = bed.c.sh(f"journalctl -b -1 --no-pager -o cat -u {DEMO}", check=True).stdout
+            new_boot = bed.c.sh(f"journalctl -b 0 --no-pager -o cat -u {DEMO}", check=True).stdout
+            explained = bed.c.sh(f"journalctl -b 0 -x --no-pager -u {DEMO}", check=True).stdout
+            senders = bed.c.sh(
+                f"journalctl -b 0 --no-pager -o cat -u {DEMO} --output-fields=SYSLOG_IDENTIFIER,_UID "
+                f"MESSAGE_ID={journal.RESTORED}",
+                check=True,
+            ).stdout
+            lost_help = bed.c.sh(f"journalctl --no-pager --dump-catalog {journal.LOST}", check=True).stdout
+            bed.c.sh(f"liveupdatectl prepare {GUEST_KERNEL}", check=True, timeout=120)
+            prepared = scrape_until(exporter, lambda m: metric(m, "luo_kernel_loaded") == {"": 1.0})
+    finally:
+        errors = exporter.stop()
+    print("\n--- journalctl -b -1 -u", DEMO, "\n" + old_boot, "\n--- journalctl -b 0 -x -u", DEMO, "\n" + explained)
+    print("--- scrape after the live update\n" + "\n".join(line for line in after.splitlines() if "luo_" in line))
+    # luod's lines about the unit, beside the unit's own, in both boots
+    assert f"Stored memfd 'cache' of {DEMO}" in old_boot and f"Preserved 1 fd(s) of {DEMO}" in old_boot
+    assert f"Restored 1 fd(s) and 0 session(s) of {DEMO}" in new_boot
+    assert f"Finished the live update of {DEMO}" in new_boot
+    assert "luod" in senders, senders
+    # journalctl -x: the package's catalog, with the unit filled in
+    assert f"The memory of {DEMO} came back after a live update" in explained
+    assert "liveupdatectl verify" in explained and "@OBJECT_SYSTEMD_UNIT@" not in explained
+    assert "What to do:" in lost_help
+    # node_exporter read luod's textfile, before and after
+    assert metric(before, "node_textfile_scrape_error") == {"": 0.0}, errors
+    assert metric(after, "node_textfile_scrape_error") == {"": 0.0}, errors
+    assert metric(before, "luo_live_updates_total") == {"": 0.0}
+    assert metric(after, "luo_live_updates_total") == {"": 1.0}
+    assert metric(after, "luo_units_opted_in") == {"": 1.0}
+    assert metric(after, "luo_unit_held_fds") == {f'{{unit="{DEMO}"}}': 1.0}
+    assert metric(after, "luo_unit_carried_bytes")[f'{{unit="{DEMO}"}}'] >= 64 << 20
+    results = metric(after, "luo_unit_last_live_update_result")
+    assert results[f'{{result="restored",unit="{DEMO}"}}'] == 1.0 and sum(results.values()) == 1.0, results
+    blackout = metric(after, "luo_unit_last_live_update_blackout_seconds")[f'{{unit="{DEMO}"}}']
+    assert 0 < blackout < outcome.blackout_sec + 1, (blackout, outcome.blackout_sec)
+    # no kernel loaded after the boot: that alone fails the pre-flight; prepare loads one, luod notices
+    assert metric(after, "luo_kernel_loaded") == {"": 0.0} and metric(after, "luo_preflight_ok") == {"": 0.0}
+    assert metric(prepared, "luo_preflight_ok") == {"": 1.0}
+    assert metric(prepared, "luo_preflight_problems") == {"": 0.0}
+    assert metric(after, "luo_phase") == {'{phase="armed"}': 0, '{phase="idle"}': 1, '{phase="restored"}': 0}

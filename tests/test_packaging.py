@@ -177,6 +177,7 @@ def test_main_package_contents(debs: dict[str, Deb]) -> None:
         "/usr/share/dbus-1/system.d/io.liveupdate.Agent1.conf",
         "/usr/share/dbus-1/system-services/io.liveupdate.Agent1.service",
         "/usr/lib/luod/luod.toml",
+        f"{pkg_config('catalogdir')}/luo-systemd.catalog",
         *(f"/usr/bin/{command}" for command in COMMANDS),
         *(f"/usr/share/man/man{page.rsplit('.', 1)[1]}/{page}.gz" for page in rules_manpages()),
         *(

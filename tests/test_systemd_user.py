@@ -69,6 +69,7 @@ class Machine:
             emulator_socket = "{self.emulator.socket}"
             policy_dir = "/run/user/0/systemd/generator"
             dbus = false
+            metrics_file = ""
             """)
         m.run(["sh", "-c", "mkdir -p /run/luod && cat > /run/luod/luod.toml"], input=config, check=True)
         m.systemctl("start", "luod.socket", "luod.service")

@@ -9,7 +9,6 @@ refused by the pre-flight.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from luo_systemd.kexec_watch import kexec_job_listed
 from tests.nspawn import harness
 from tests.nspawn.vm_update import UNIT, VmBed, VmOutcome, report
 
-TOP = Path(__file__).resolve().parent.parent
 OK, WHY = harness.available()
 
 GOOD: dict[str, Any] = {"machine": "pc-q35-10.0", "memory_mib": 128, "args": ["-accel", "tcg", "-nodefaults"]}
@@ -106,12 +104,6 @@ def test_kexec_job_listing() -> None:
 
 
 # -- in containers
-
-
-@pytest.fixture(scope="module")
-def debs() -> list[Path]:
-    out = subprocess.run([str(TOP / "packaging" / "build-deb.sh")], check=True, capture_output=True, text=True)
-    return [Path(line) for line in out.stdout.split()]
 
 
 @pytest.fixture

@@ -70,6 +70,7 @@ cat >"$work/stubs.macros" <<EOF
 %_presetdir /usr/lib/systemd/system-preset
 %_systemdgeneratordir /usr/lib/systemd/system-generators
 %_systemd_util_dir /usr/lib/systemd
+%_journalcatalogdir /usr/lib/systemd/catalog
 %systemd_requires Requires(post): systemd \\
 Requires(preun): systemd \\
 Requires(postun): systemd \\

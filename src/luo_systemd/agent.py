@@ -9,6 +9,7 @@ See luod(8).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -17,7 +18,7 @@ import signal
 import socket
 import stat
 import sys
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from luo_systemd import cgroups, config, journal, names
 from luo_systemd.api import Problem
@@ -30,6 +31,9 @@ from luo_systemd.policy import DROPIN, Policy, parse_policy
 from luo_systemd.service_manager import listen_fds
 from luo_systemd.state import FdStore, NoFdStore
 from luo_systemd.verify import last_update_of, write_last_update
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger("luod")
 
@@ -94,6 +98,15 @@ def policy_reader(policy_dir: str) -> Callable[[str], Optional[Policy]]:
         return None
 
     return policy_of
+
+
+def opted_in_units(policy_dir: str, policy_of: Callable[[str], Optional[Policy]]) -> int:
+    """Units (and templates) the generator found an [X-LiveUpdate] section in."""
+    try:
+        dirs = os.listdir(policy_dir)
+    except FileNotFoundError:
+        return 0
+    return sum(1 for d in dirs if d.endswith(".d") and policy_of(d[:-2]) is not None)
 
 
 def make_backend(cfg: config.Config) -> Backend:
@@ -228,6 +241,10 @@ async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener: so
 
     broker.listeners.append(schedule_expiry)
     schedule_expiry()
+    if cfg.metrics_file:
+        metrics_changed = asyncio.Event()
+        broker.listeners.append(metrics_changed.set)
+        tasks.append(asyncio.ensure_future(keep_metrics(broker, loader, cfg, metrics_changed)))
     # The bus joins after READY=1: units ordered After=luod.service wait for READY, and they talk Varlink.
     # A D-Bus caller meanwhile waits in dbus-daemon (io.liveupdate.Agent1.service activates luod.service).
     bus = None
@@ -265,6 +282,44 @@ async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener: so
     if bus is not None:
         bus.disconnect()  # type: ignore[no-untyped-call]
     return 1 if failed else 0
+
+
+async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, changed: asyncio.Event) -> None:
+    """Rewrites the metrics textfile at every change of luod's state, and every RECHECK_SEC for what luod is
+    not told about (memory, a kernel loaded or unloaded).  It never opens /dev/liveupdate (Broker.summary)."""
+    import asyncio  # noqa: PLC0415 - after READY=1 (see main)
+    import dataclasses  # noqa: PLC0415
+
+    from luo_systemd import metrics  # noqa: PLC0415
+    from luo_systemd.inhibitor import RECHECK_SEC, recheck  # noqa: PLC0415 - imports asyncio
+    from luo_systemd.verify import read_last_update  # noqa: PLC0415
+
+    writer = metrics.TextfileWriter(cfg.metrics_file)
+    policy_of = policy_reader(cfg.policy_dir)
+    loaded, problems = False, None
+    while True:
+        changed.clear()
+        status = dataclasses.asdict(broker.summary())  # the Status method's wire form, which verify reads
+        last = read_last_update(cfg.last_update_file)
+        writer.note_finished(status, last)
+        if not broker.armed:  # armed, the units are stopping: keep the blackout free of extra work
+            try:
+                loaded, found = await recheck(broker, loader)
+                problems = len(found)
+            except (LuoError, OSError) as e:
+                log.debug("Pre-flight for the metrics failed: %s", e)
+                problems = None
+        carried: dict[str, int] = {}
+        for unit, fd in broker.carried_memfds():
+            carried[unit] = carried.get(unit, 0) + os.fstat(fd).st_size
+        opted_in = opted_in_units(cfg.policy_dir, policy_of)
+        sample = metrics.Sample(status, opted_in, carried, last, writer.finished_usec, loaded, problems)
+        try:
+            writer.write(metrics.render(sample))
+        except OSError as e:
+            log.warning("Failed to write %s: %s", cfg.metrics_file, e)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(changed.wait(), RECHECK_SEC)
 
 
 def activated_or_bound(fds: Optional[list[int]], path: str) -> socket.socket:

@@ -116,6 +116,7 @@ class Broker:
         self.units: dict[str, UnitState] = {}
         self.armed = False
         self.update_count = 0
+        self.supported = True  # whether /dev/liveupdate opened when status() last looked
         self.manifest_session: Optional[Held] = None
         self.problems: list[Problem] = []  # found at restore time, shown in status
         self.listeners: list[Callable[[], None]] = []  # called after every change
@@ -310,7 +311,7 @@ class Broker:
                 self.backend.finish(state.in_session.fd)
                 crash_point("finished the session of " + state.unit)
             except KernelError as e:
-                log.warning("Failed to finish the session of %s: %s", state.unit, e)
+                log.warning("Failed to finish the session of %s: %s", state.unit, e, extra=journal.about(state.unit))
             self._release(state.in_session)
             state.in_session = None
         for held in state.restored_client_sessions.values():
@@ -451,16 +452,18 @@ class Broker:
         self.manifest_session = session
         journal.event(journal.MANIFEST, f"Manifest written: {len(manifest.units)} unit(s) to carry")
 
-    def preflight(self, caller: Caller = AGENT) -> list[Problem]:
+    def preflight(self, caller: Caller = AGENT, open_device: bool = True) -> list[Problem]:
         """Everything that would make a live update lose data, found before anything is stopped.  A caller
-        other than root sees the system's problems and its own unit's."""
-        return [p for p in self._preflight() if not p.unit or authz.sees_unit(caller, p.unit)]
+        other than root sees the system's problems and its own unit's.  ``open_device=False`` leaves out
+        whether /dev/liveupdate opens (see ``summary``)."""
+        return [p for p in self._preflight(open_device) if not p.unit or authz.sees_unit(caller, p.unit)]
 
-    def _preflight(self) -> list[Problem]:
+    def _preflight(self, open_device: bool = True) -> list[Problem]:
         problems: list[Problem] = []
         try:
-            with self.backend.device():
-                pass
+            if open_device:
+                with self.backend.device():
+                    pass
         except KernelError as e:
             if isinstance(e, DeviceBusy) and not self.last_try:
                 raise  # when_free tries again later, without blocking the event loop
@@ -551,7 +554,7 @@ class Broker:
         remove_file(self.env_file(unit))
         self._write_manifest()
         self._changed()
-        log.info("Discarded everything held for %s", unit)
+        log.info("Discarded everything held for %s", unit, extra=journal.about(unit))
 
     def status(self, caller: Caller) -> AgentStatus:
         """The agent's state; a caller other than root sees only its own unit."""
@@ -561,9 +564,16 @@ class Broker:
                 pass
         except KernelError as e:
             supported = e.name != "NotSupported"
+        self.supported = supported
+        return self.summary(caller)
+
+    def summary(self, caller: Caller = AGENT) -> AgentStatus:
+        """``status`` without opening /dev/liveupdate (``supported`` as last seen): for a look on luod's own
+        initiative (the metrics), which must never hold the single-open device when systemd-shutdown (>= 261)
+        opens it at the kexec."""
         return AgentStatus(
             phase=self.phase.value,
-            supported=supported,
+            supported=self.supported,
             backend=self.backend.kind,
             live_update_count=self.update_count,
             units=tuple(
@@ -610,7 +620,7 @@ class Broker:
                 except (KernelError, OSError) as e:
                     self.problems.append(Problem(carried.unit, f"could not be restored: {e}"))
                     journal.event(
-                        journal.REFUSED,
+                        journal.LOST,
                         f"Failed to restore {carried.unit}: {e}",
                         unit=carried.unit,
                         level=logging.ERROR,
@@ -665,13 +675,19 @@ class Broker:
                 continue
             expired.append(state.unit)
             if policy is None or policy.on_no_return is NoReturn.DISCARD:
-                log.warning(
-                    "%s did not come back within %ss after the live update: discarding its fds", state.unit, timeout
+                journal.event(
+                    journal.LOST,
+                    f"{state.unit} did not come back within {timeout}s after the live update: discarding its fds",
+                    unit=state.unit,
+                    level=logging.WARNING,
                 )
                 self.discard(AGENT, state.unit)
             else:
                 log.warning(
-                    "%s did not come back within %ss after the live update: keeping its fds", state.unit, timeout
+                    "%s did not come back within %ss after the live update: keeping its fds",
+                    state.unit,
+                    timeout,
+                    extra=journal.about(state.unit),
                 )
                 self._finish_unit(state)
                 self._changed()

@@ -38,6 +38,8 @@ class Config:
     last_update_file: str = "/run/luod/last-update.json"  # what the last live update carried, for verify
     memory_margin_mib: int = 256  # kept free on top of the memory a preserve pins
     block_shutdown: bool = True  # hold a logind shutdown block while a loaded kernel fails the pre-flight
+    # node_exporter's textfile collector (Debian's directory); written only if the directory exists, "" = off
+    metrics_file: str = "/var/lib/prometheus/node-exporter/luo-systemd.prom"
 
 
 def config_files(dirs: Iterable[str] = CONFIG_DIRS) -> list[str]:

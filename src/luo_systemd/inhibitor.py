@@ -65,18 +65,25 @@ class ShutdownBlock:
         self.fd, self.why = None, None
 
 
+async def recheck(broker: Broker, loader: Loader) -> tuple[bool, list[Problem]]:
+    """Whether a kernel is loaded, and what the pre-flight finds now, without opening /dev/liveupdate: a
+    look on luod's own initiative must never hold the single-open device when systemd-shutdown (>= 261)
+    opens it at the kexec."""
+    loaded = loader.state().loaded
+    if loaded:  # decompressing the running kernel's image takes a while: not in the event loop
+        with contextlib.suppress(LuoError):
+            await asyncio.get_running_loop().run_in_executor(None, loader.running_formats)
+    return loaded, broker.preflight(open_device=False)
+
+
 async def keep_blocking(broker: Broker, loader: Loader, block: ShutdownBlock, changed: asyncio.Event) -> None:
     """Holds the shutdown block exactly while a loaded kernel fails the pre-flight."""
-    loop = asyncio.get_running_loop()
     try:
         while True:
             changed.clear()
             try:
-                loaded = loader.state().loaded
-                if loaded:  # decompressing the running kernel's image takes a while: not in the event loop
-                    with contextlib.suppress(LuoError):
-                        await loop.run_in_executor(None, loader.running_formats)
-                why = block_reason(broker.armed, loaded, broker.preflight())
+                loaded, problems = await recheck(broker, loader)
+                why = block_reason(broker.armed, loaded, problems)
             except (LuoError, OSError) as e:
                 log.warning("Pre-flight re-check failed: %s", e)
                 why = block.why

@@ -12,13 +12,15 @@ import os
 import sys
 from typing import Optional
 
-# MESSAGE_IDs of the events a user searches for (journalctl MESSAGE_ID=...).
-STORED = "0b8e3d1c6c1a4f3b9f2a5e1d7c4b2a10"
-PRESERVED = "6f1d2c3b4a5948e7a1b2c3d4e5f60711"
-RESTORED = "a3c5e7f9b1d34f6e8a0c2e4f6a8b0c12"
-FINISHED = "5d7f9b1d3f5a47c9b1d3f5a7c9e1b313"
-REFUSED = "e2a4c6e8f0b24d6f8a1c3e5a7c9eb114"
-MANIFEST = "94b6d8fa1c3e4a5c7e9fb1d3f5a7c915"
+# MESSAGE_IDs of the events a user searches for (journalctl MESSAGE_ID=...), made with `systemd-id128 new`;
+# catalog/luo-systemd.catalog explains each one (journalctl -x).
+STORED = "ea15948d37264175aed0c7b2d9535f0a"
+PRESERVED = "21861b15dc5f4affa2d7640099d514f8"
+RESTORED = "a66e7f709d264c3b9f61a3f53ae580f3"
+FINISHED = "aa7cab18ec4e467895c192864fafb00f"
+REFUSED = "9981f867e3174cf3812e188bc18b60eb"
+LOST = "002db493dac24aef812b7d304a936c9a"
+MANIFEST = "527c2e4193164827afaffdf652f1cc4e"
 
 _LEVELS = {"emerg": 50, "alert": 50, "crit": 50, "err": 40, "warning": 30, "notice": 25, "info": 20, "debug": 10}
 _PRIORITY = {50: 2, 40: 3, 30: 4, 25: 5, 20: 6, 10: 7}
@@ -62,6 +64,12 @@ def setup(name: str) -> None:
     root.handlers[:] = [handler]
 
 
+def about(unit: str) -> dict[str, str]:
+    """The field that puts a line of root's into ``journalctl -u UNIT`` (journalctl matches
+    OBJECT_SYSTEMD_UNIT=UNIT from senders with _UID=0)."""
+    return {"OBJECT_SYSTEMD_UNIT": unit}
+
+
 def event(
     message_id: str,
     message: str,
@@ -70,9 +78,7 @@ def event(
     fdname: Optional[str] = None,
     level: int = logging.INFO,
 ) -> None:
-    extra = {"MESSAGE_ID": message_id}
-    if unit:
-        extra["LUO_UNIT"] = unit
+    extra = {"MESSAGE_ID": message_id, **(about(unit) if unit else {})}
     if fdname:
         extra["LUO_FDNAME"] = fdname
     log.log(level, message, extra=extra)

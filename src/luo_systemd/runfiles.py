@@ -1,5 +1,6 @@
-"""Small JSON files in /run/luod that liveupdatectl and luod share (the kernel liveupdatectl loaded, what the
-last live update carried): written whole or not at all, read as "absent" when missing."""
+"""Files written whole or not at all: the small JSON files in /run/luod that liveupdatectl and luod share (the
+kernel liveupdatectl loaded, what the last live update carried; read as "absent" when missing), and luod's
+metrics textfile."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ import os
 from typing import Any
 
 
-def write_json(path: str, doc: Any) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+def write_atomically(path: str, text: str) -> None:
+    """Readers see the old file or the new one, never a part (the temporary name ends in .tmp, which
+    node_exporter's textfile collector ignores)."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(doc, f)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str, doc: Any) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    write_atomically(path, json.dumps(doc))
 
 
 def read_json(path: str) -> Any:

@@ -108,7 +108,14 @@ class LiveUpdateBed:
 
     journal_units: tuple[str, ...] = ("luod.service", "luo-demo-cache.service")  # shown when a test fails
 
-    def __init__(self, suite: str, debs: list[Path], workdir: Path, rootfs: Optional[Path] = None) -> None:
+    def __init__(
+        self,
+        suite: str,
+        debs: list[Path],
+        workdir: Path,
+        rootfs: Optional[Path] = None,
+        binds: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.suite = suite
         self.debs = debs
         emu_dir = workdir / "luo-emu"
@@ -117,7 +124,7 @@ class LiveUpdateBed:
         self.c = harness.Container(
             rootfs or harness.ensure_rootfs(suite, quiet=True),
             workdir / "container",
-            binds=[(str(emu_dir), "/run/luo-emu")],
+            binds=[(str(emu_dir), "/run/luo-emu"), *binds],
             binds_ro=[(str(debs[0].parent), "/mnt/debs")],
         )
 
@@ -223,11 +230,15 @@ class LiveUpdateBed:
             "same_process": after["pid"] == before["pid"],
         }
 
-    def refused_memory(self) -> dict[str, Any]:
-        """A unit stores a sparse 1 TiB memfd (it costs nothing now; the preserve would fill it)."""
+    def add_sparse_unit(self) -> None:
+        """A unit stores a sparse 1 TiB memfd (it costs nothing now; the preserve would fill it): the
+        pre-flight's memory check fails."""
         self.c.write_file("/usr/local/bin/luo-sparse", SPARSE_SERVICE, mode=0o755)
         self.c.write_file("/etc/systemd/system/luo-sparse.service", SPARSE_UNIT)
         self.c.sh("systemctl daemon-reload && systemctl start luo-sparse.service", check=True, timeout=60)
+
+    def refused_memory(self) -> dict[str, Any]:
+        self.add_sparse_unit()
         demo_status(self.c)
         kexec = self.c.sh(f"liveupdatectl kexec --kernel {GUEST_KERNEL}", timeout=120)
         preflight = self.c.sh("liveupdatectl --json=short preflight", timeout=60)
