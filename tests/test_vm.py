@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from luo_systemd import agent, vm
-from luo_systemd.errors import InvalidRequest
+from luo_systemd.errors import InvalidRequest, VmmFailed
 from luo_systemd.kexec_watch import kexec_job_listed
 from tests.nspawn import harness
 from tests.nspawn.vm_update import UNIT, VmBed, VmOutcome, report
@@ -66,6 +66,23 @@ def test_a_copy_of_the_ram_is_no_live_update() -> None:
     ram = 128 << 20
     assert not vm.ram_was_copied({"ram": {"total": 532480}}, ram)
     assert vm.ram_was_copied({"ram": {"total": ram + 532480}}, ram)
+
+
+def test_a_live_updated_vm_whose_memory_did_not_arrive_is_not_booted_over(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cfg = vm.parse_config("web", GOOD)
+    ram = os.memfd_create("guest-ram")
+    os.ftruncate(ram, cfg.memory_bytes)
+    try:
+        monkeypatch.delenv("LIVEUPDATE_RESTORED", raising=False)
+        assert not vm.restorable(cfg, -1, -1)  # an ordinary start boots
+        monkeypatch.setenv("LIVEUPDATE_RESTORED", "1")
+        for got_ram, got_state in ((-1, -1), (ram, -1), (-1, ram)):
+            with pytest.raises(VmmFailed, match="not booting over it"):
+                vm.restorable(cfg, got_ram, got_state)
+    finally:
+        os.close(ram)
 
 
 def test_cpr_support_from_the_migration_parameters() -> None:

@@ -243,8 +243,15 @@ def close_all(fds: Sequence[int]) -> None:
 def restorable(cfg: VmConfig, ram: int, saved: int) -> bool:
     """Whether this start resumes a guest: a live update brought back its RAM (fd ``ram``) and a saved state
     (``saved``); -1 for what did not come."""
-    if os.environ.get("LIVEUPDATE_RESTORED") != "1" or ram < 0 or saved < 0:
+    if os.environ.get("LIVEUPDATE_RESTORED") != "1":
         return False
+    if ram < 0 or saved < 0:
+        # luod holds this guest's RAM (luo-hook start failed to hand it over): a fresh boot on a new memfd
+        # would replace it in luod for good.  Failing keeps it there; the next start tries again.
+        raise VmmFailed(
+            "a live update carried this VM, but its guest RAM or device state did not arrive (see luo-hook start in"
+            " the journal): not booting over it"
+        )
     state_bytes = os.fstat(saved).st_size
     if state_bytes == 0:
         return False  # the stop did not save (QEMU was gone, or could not): a fresh boot
