@@ -101,12 +101,13 @@ def policy_reader(policy_dir: str) -> Callable[[str], Optional[Policy]]:
 
 
 def opted_in_units(policy_dir: str, policy_of: Callable[[str], Optional[Policy]]) -> int:
-    """Units (and templates) the generator found an [X-LiveUpdate] section in."""
+    """Units the generator found an [X-LiveUpdate] section in.  Templates (``luo-qemu@.service``) are not
+    units: their instances cannot be listed without asking systemd, which luod does not do for metrics."""
     try:
         dirs = os.listdir(policy_dir)
     except FileNotFoundError:
         return 0
-    return sum(1 for d in dirs if d.endswith(".d") and policy_of(d[:-2]) is not None)
+    return sum(1 for d in dirs if d.endswith(".d") and "@." not in d and policy_of(d[:-2]) is not None)
 
 
 def make_backend(cfg: config.Config) -> Backend:
