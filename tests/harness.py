@@ -21,7 +21,6 @@ from typing import Any, Optional
 
 from luo_systemd import varlink
 from luo_systemd.liveupdate import EmuControl, EmulatorTransport, emulator_backend
-from tests.images import write_kernel
 
 READY_TIMEOUT = 10.0
 
@@ -73,6 +72,10 @@ class Emulator:
         if kernel is None:
             kernel = Path(self.socket).with_name("vmlinuz")
             if not kernel.exists():
+                # Only here: tests.images needs zstandard and lz4, which the qemu tier's staged python lacks
+                # (tests/qemu/run-contract.sh copies this file into its initrd).
+                from tests.images import write_kernel  # noqa: PLC0415
+
                 write_kernel(kernel)
         fd = os.open(kernel, os.O_RDONLY | os.O_CLOEXEC)
         try:
