@@ -300,6 +300,10 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
     loaded, problems = False, None
     while True:
         changed.clear()
+        if not os.path.isdir(os.path.dirname(cfg.metrics_file)):  # no textfile collector here: no work at all
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), RECHECK_SEC)
+            continue
         status = dataclasses.asdict(broker.summary())  # the Status method's wire form, which verify reads
         last = read_last_update(cfg.last_update_file)
         writer.note_finished(status, last)
