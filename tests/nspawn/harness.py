@@ -23,10 +23,12 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -337,6 +339,8 @@ class Container:
                 subprocess.run(["cp", "-a", "--reflink=auto", str(self.rootfs), str(tmp)], check=True)
                 tmp.rename(root)
         self._write_bind_dropins()
+        for procs in self._create_cgroups():
+            script += f"echo $$ > {shlex.quote(str(procs))} || exit 125; "
         script += 'shift 4; exec "$@"'
         return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "luo-nspawn", *args]
 
@@ -421,6 +425,7 @@ class Container:
             if self._log:
                 self._log.close()
                 self._log = None
+            self._remove_cgroups()
             self._unlock_rootfs()
             raise
         self._watchdog = threading.Timer(self.max_runtime, self._watchdog_fire)
@@ -438,6 +443,34 @@ class Container:
             time.sleep(0.01)
         self.kill()
         raise HarnessError(f"no container PID 1 after {timeout} s:\n{self._tail()}")
+
+    def _cgroup_dirs(self) -> list[Path]:
+        """This boot's own cgroup in each hierarchy nspawn places a ``--keep-unit`` container by: the one
+        systemd tracks units in (``name=systemd`` on hybrid hosts) and the cgroup2 mount.  Without it every
+        container shares the caller's cgroup, and two at once collide on paths like
+        ``/system.slice/luod.service``."""
+        name = f"luo-nspawn-{os.getpid()}-{id(self)}-{self.boots}"
+        mounts = [Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")]
+        hierarchies = [m for m in mounts[:2] if (m / "cgroup.procs").exists()] or [mounts[2]]
+        return [h / name for h in hierarchies]
+
+    def _create_cgroups(self) -> list[Path]:
+        """Creates this boot's cgroups; returns the cgroup.procs files nspawn's shell joins before it execs."""
+        procs = []
+        for group in self._cgroup_dirs():
+            group.mkdir(exist_ok=True)
+            procs.append(group / "cgroup.procs")
+        return procs
+
+    def _remove_cgroups(self) -> None:
+        """Removes this boot's cgroups bottom-up once the container is gone (a busy one is left, not fatal)."""
+        for group in self._cgroup_dirs():
+            if group.is_dir():
+                for sub in sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                    with contextlib.suppress(OSError):
+                        sub.rmdir()
+                with contextlib.suppress(OSError):
+                    group.rmdir()
 
     def _lock_rootfs(self) -> None:
         """Hold build-rootfs.sh's lock shared while nspawn runs, so no rebuild deletes our lower layer."""
@@ -498,6 +531,7 @@ class Container:
         if self._log:
             self._log.close()
             self._log = None
+        self._remove_cgroups()
         self._unlock_rootfs()
 
     # -- inside the container -------------------------------------------------------------------
