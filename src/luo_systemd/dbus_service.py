@@ -44,7 +44,7 @@ CURRENT_SENDER: contextvars.ContextVar[str] = contextvars.ContextVar("sender")
 MAX_FDS_PER_MESSAGE = 16  # the bus daemon's limit as dbus-next handles it: more silently become None
 MAX_KNOWN_PEERS = 1024  # credentials kept per bus connection, dropped when the peer goes (NameOwnerChanged)
 NO_PROCESS_FD = (
-    "the bus gives no pidfd for this peer (ProcessFD: dbus-broker gives it, dbus-daemon 1.14 does not); "
+    "the bus gives no pidfd for this peer (ProcessFD: dbus-daemon >= 1.15.8 and dbus-broker >= 34 give it); "
     "only root is served over D-Bus here: use the Varlink socket"
 )
 
