@@ -21,7 +21,7 @@ from typing import Callable, Optional, TypeVar
 
 from luo_systemd import authz, journal, names, syscalls
 from luo_systemd import state as held_state
-from luo_systemd.api import AGENT, AgentStatus, Caller, FdInfo, Problem, UnitStatus
+from luo_systemd.api import AGENT, AgentStatus, Caller, FdInfo, Problem, UnitStatus, refusing
 from luo_systemd.errors import (
     AccessDenied,
     BadManifest,
@@ -38,7 +38,7 @@ from luo_systemd.errors import (
 )
 from luo_systemd.liveupdate import Backend, Device
 from luo_systemd.manifest import CarriedFd, CarriedUnit, FdKind, Manifest
-from luo_systemd.policy import NoReturn, Policy, PreserveAt
+from luo_systemd.policy import NoReturn, OnPreflightFailure, Policy, PreserveAt
 from luo_systemd.state import (
     HELD_KEY_PREFIX,
     STATE_KEY_PREFIX,
@@ -135,6 +135,12 @@ class Broker:
         if any(not u.finished for u in self.units.values()):
             return Phase.RESTORED
         return Phase.IDLE
+
+    @property
+    def left_out(self) -> frozenset[str]:
+        """Units left out of the live update under way (OnPreflightFailure=leave-out): not preserved, not
+        in the manifest.  Kept as their problems in ``problems``, which the snapshot holds."""
+        return frozenset(p.unit for p in self.problems if p.left_out)
 
     def _hold(self, fd: int) -> Held:
         self._next_key += 1
@@ -369,7 +375,7 @@ class Broker:
         its session holds (0: nothing to do)."""
         unit = authz.authorize(caller, unit)
         state = self.units.get(unit)
-        if not self.armed or state is None or not state.stored:
+        if not self.armed or state is None or not state.stored or unit in self.left_out:
             return len(state.preserved) if state else 0
         self._preserve_unit(state, self._policy(unit))
         self._write_manifest()
@@ -379,6 +385,8 @@ class Broker:
     def _preserve_unit(self, state: UnitState, policy: Policy) -> None:
         """Preserves the unit's carried memfds, in store order (tokens 1..n), into its session luod/UNIT."""
         wanted = tuple(e.name for e in state.stored.values() if e.kind is FdKind.MEMFD and policy.carries(e.name))
+        if state.unit in self.left_out:
+            wanted = ()  # its fds stay held and go at the kexec, as at an ordinary reboot
         if state.out_session is not None and state.preserved == wanted:
             return
         self._drop_out_session(state)
@@ -411,7 +419,10 @@ class Broker:
 
     def manifest(self) -> Manifest:
         units = []
+        left_out = self.left_out
         for state in self.units.values():
+            if state.unit in left_out:
+                continue
             fds = [
                 CarriedFd(n, FdKind.MEMFD, state.stored[n].order, token=t)
                 for t, n in enumerate(state.preserved, start=1)
@@ -472,7 +483,13 @@ class Broker:
         for state in self.units.values():
             policy = self.policy_of(state.unit)
             if policy is None and state.stored:
-                problems.append(Problem(state.unit, "has stored fds but no [X-LiveUpdate] section any more"))
+                problems.append(
+                    Problem(
+                        state.unit,
+                        "has stored fds but no [X-LiveUpdate] section any more "
+                        f"(liveupdatectl discard {state.unit} frees them)",
+                    )
+                )
             for entry in state.stored.values():
                 where = f"'{entry.name}' of {state.unit}"
                 if entry.kind is FdKind.MEMFD:
@@ -487,7 +504,7 @@ class Broker:
                         )
         for check in self.extra_checks:
             problems += check()
-        return problems
+        return judged(problems, self.policy_of)
 
     def carried_memfds(self) -> list[tuple[str, int]]:
         """(unit, fd) of every stored memfd the next live update would carry (for the memory check)."""
@@ -506,18 +523,28 @@ class Broker:
         """A live update is decided: from now on units are preserved as they stop."""
         authz.require_root(caller, "Starting a live update")
         problems = self._preflight()
-        if problems and not force:
-            raise PreflightFailed(
-                "Pre-flight check failed: "
-                + "; ".join(f"{p.unit}: {p.message}" if p.unit else p.message for p in problems)
-            )
-        for p in problems:
-            log.warning("Live update forced despite: %s%s", f"{p.unit}: " if p.unit else "", p.message)
+        blocking = refusing(problems)
+        if blocking and not force:
+            raise PreflightFailed("Pre-flight check failed: " + "; ".join(p.line() for p in blocking))
+        for p in blocking:
+            log.warning("Live update forced despite: %s", p.line())
         # The kernel refuses to preserve a retrieved file before its session is finished.
         for state in self.units.values():
             if not state.finished:
                 self._finish_unit(state)
         self.armed = True
+        self.problems = refusing(self.problems) + [p for p in problems if p.left_out]
+        for unit in sorted(self.left_out):
+            journal.event(
+                journal.LEFT_OUT,
+                f"Leaving {unit} out of the live update: "
+                + "; ".join(p.message for p in problems if p.unit == unit)
+                + " (OnPreflightFailure=leave-out): it stops and starts as at a reboot, its fds are not carried",
+                unit=unit,
+                level=logging.WARNING,
+            )
+            if unit in self.units:
+                self._drop_out_session(self.units[unit])  # PreserveAt=store preserved it already
         self._write_manifest()
         self._changed()
         log.info("Live update armed: units are preserved as they stop")
@@ -529,10 +556,16 @@ class Broker:
         if not self.armed:
             raise WrongPhase("No live update is under way")
         self.armed = False
+        left_out, self.problems = self.left_out, refusing(self.problems)
         for state in self.units.values():
             policy = self.policy_of(state.unit)
             if policy is None or policy.preserve_at is not PreserveAt.STORE:
                 self._drop_out_session(state)
+            elif state.unit in left_out and state.stored:
+                try:
+                    self._preserve_unit(state, policy)  # PreserveAt=store: preserved again, as before the arm
+                except LuoError as e:
+                    log.warning("%s could not be preserved again: %s", state.unit, e, extra=journal.about(state.unit))
         self._write_manifest()
         self._changed()
         log.info("Live update cancelled")
@@ -769,6 +802,19 @@ class Broker:
         except LuoError as e:
             self.problems.append(Problem("", f"the manifest could not be written after a restart: {e}"))
         self._changed()
+
+
+def judged(problems: list[Problem], policy_of: Callable[[str], Optional[Policy]]) -> list[Problem]:
+    """The pre-flight's problems, a unit's marked left out where its OnPreflightFailure= says so: one unit
+    does not veto the others' live update.  Problems of the whole system refuse, and so do those of units
+    with no [X-LiveUpdate] section (luod.service; a unit whose section was removed while luod holds its fds:
+    nobody said they may go, ``liveupdatectl discard`` does)."""
+
+    def leaves_out(unit: str) -> bool:
+        policy = policy_of(unit) if unit else None
+        return policy is not None and policy.on_preflight_failure is OnPreflightFailure.LEAVE_OUT
+
+    return [dataclasses.replace(p, left_out=leaves_out(p.unit)) for p in problems]
 
 
 def memfd_bytes(fd: int) -> int:

@@ -39,7 +39,7 @@ log = logging.getLogger("luod")
 BUS_NAME = "io.liveupdate.Agent1"
 OBJECT_PATH = "/io/liveupdate/Agent1"
 INTERFACE = "io.liveupdate.Agent1"
-REVISION = 1  # bumped on additive changes; the "1" in the name is the major version
+REVISION = 2  # bumped on changes (2: problems carry left_out); the "1" in the name is the major version
 CURRENT_SENDER: contextvars.ContextVar[str] = contextvars.ContextVar("sender")
 MAX_FDS_PER_MESSAGE = 16  # the bus daemon's limit as dbus-next handles it: more silently become None
 MAX_KNOWN_PEERS = 1024  # credentials kept per bus connection, dropped when the peer goes (NameOwnerChanged)
@@ -119,8 +119,8 @@ class AgentBus(MessageBus):
         return future
 
 
-def _problems(problems: "list[Problem] | tuple[Problem, ...]") -> list[list[str]]:
-    return [[p.unit, p.message] for p in problems]
+def _problems(problems: "list[Problem] | tuple[Problem, ...]") -> list[list[object]]:
+    return [[p.unit, p.message, p.left_out] for p in problems]
 
 
 def dbus_method(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
@@ -284,12 +284,12 @@ class Agent1(ServiceInterface):
 
     @method()
     @dbus_method
-    def Preflight(self, caller: Caller) -> "a(ss)":
+    def Preflight(self, caller: Caller) -> "a(ssb)":
         return _problems(self.broker.preflight(caller))
 
     @method()
     @dbus_method
-    def Arm(self, caller: Caller, force: "b") -> "a(ss)":
+    def Arm(self, caller: Caller, force: "b") -> "a(ssb)":
         return _problems(self.broker.arm(caller, force))
 
     @method()
@@ -321,7 +321,7 @@ class Agent1(ServiceInterface):
         return self.broker.update_count
 
     @dbus_property(access=PropertyAccess.READ)
-    def Problems(self) -> "a(ss)":
+    def Problems(self) -> "a(ssb)":
         return _problems(self.broker.problems)
 
     @dbus_property(access=PropertyAccess.READ)

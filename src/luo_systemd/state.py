@@ -214,7 +214,8 @@ def decode(data: bytes, fds: dict[str, int]) -> Recovered:
             update_count=_typed(doc["update_count"], int),
             manifest_session=held(doc["manifest_session"]),
             problems=[
-                Problem(_typed(p["unit"], str), _typed(p["message"], str)) for p in _typed(doc["problems"], list)
+                Problem(_typed(p["unit"], str), _typed(p["message"], str), _typed(p.get("left_out", False), bool))
+                for p in _typed(doc["problems"], list)
             ],
             units=units,
             preserved_units=preserved,

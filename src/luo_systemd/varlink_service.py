@@ -35,7 +35,8 @@ interface io.liveupdate.Agent
 
 type FdInfo (name: string, kind: string, state: string, order: int, session: string)
 type UnitStatus (unit: string, stored: int, preserved: int, restored: int, sessions: int, finished: bool)
-type Problem (unit: string, message: string)
+# left_out: the unit is left out of the live update (its OnPreflightFailure=leave-out); it does not refuse Arm.
+type Problem (unit: string, message: string, left_out: bool)
 
 # Stores the attached fds under the given names (one name per fd, in order); a stored name is replaced.
 method Store(unit: ?string, names: []string) -> ()
@@ -54,7 +55,7 @@ method RetrieveSession(unit: ?string, name: string) -> ()
 method Status() -> (phase: string, supported: bool, backend: string, live_update_count: int,
                     units: []UnitStatus, problems: []Problem)
 method Preflight() -> (problems: []Problem)
-# Root only: decide a live update (the pre-flight must pass unless force).
+# Root only: decide a live update (no problem may refuse it, unless force; units left out are not carried).
 method Arm(force: ?bool) -> (problems: []Problem)
 method Cancel() -> ()
 method Discard(unit: string) -> ()
