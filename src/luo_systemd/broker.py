@@ -38,6 +38,7 @@ from luo_systemd.errors import (
 )
 from luo_systemd.liveupdate import Backend, Device
 from luo_systemd.manifest import CarriedFd, CarriedUnit, FdKind, Manifest
+from luo_systemd.ownedfd import OwnedFd
 from luo_systemd.policy import NoReturn, OnPreflightFailure, Policy, PreserveAt
 from luo_systemd.state import (
     HELD_KEY_PREFIX,
@@ -142,10 +143,13 @@ class Broker:
         in the manifest.  Kept as their problems in ``problems``, which the snapshot holds."""
         return frozenset(p.unit for p in self.problems if p.left_out)
 
-    def _hold(self, fd: int) -> Held:
+    def _hold(self, fd: OwnedFd) -> Held:
+        """Takes ``fd`` over, mirrored in the fd store under a new key; if that fails, ``fd`` is still the
+        caller's to close."""
         self._next_key += 1
-        held = Held(fd=fd, key=f"{HELD_KEY_PREFIX}{self._next_key}")
-        self.fdstore.keep(held.key, fd)
+        key = f"{HELD_KEY_PREFIX}{self._next_key}"
+        self.fdstore.keep(key, fd.fileno())
+        held = Held.take(fd, key)
         crash_point("kept " + held.key)
         return held
 
@@ -196,20 +200,21 @@ class Broker:
 
     # -- the fd-store-like API, for a unit's own entries
 
-    def store(self, caller: Caller, unit: str, items: list[tuple[str, int]]) -> None:
-        """Stores named fds for a unit (as dups; the caller keeps its fds).  A stored name is replaced."""
+    def store(self, caller: Caller, unit: str, items: list[tuple[str, OwnedFd]]) -> None:
+        """Stores named fds for a unit, taking the received fds over (those left are the caller's to close).
+        A stored name is replaced."""
         unit = authz.authorize(caller, unit)
         policy = self._policy(unit)
         state = self.units.get(unit)
         if self.armed and state is not None and state.out_session is not None:
             raise WrongPhase(f"{unit} was already preserved for the live update under way")
-        probed: list[tuple[str, int, FdKind, str]] = []
+        probed: list[tuple[str, OwnedFd, FdKind, str]] = []
         for name, fd in items:
             names.check_fd_name(name)
             if any(p[0] == name for p in probed):
                 raise LimitExceeded(f"fd name {name!r} appears twice in one call")
             try:
-                kind, session = self.probe_kind(fd)
+                kind, session = self.probe_kind(fd.fileno())
             except InvalidFd as e:
                 journal.event(
                     journal.REFUSED, f"Refused '{name}' of {unit}: {e}", unit=unit, fdname=name, level=logging.WARNING
@@ -223,18 +228,17 @@ class Broker:
             raise LimitExceeded(f"the agent holds at most {self.config.max_fds_total} fds in all")
         replaced = {p[0] for p in probed}
         kept = [e.held.fd for e in (state.stored.values() if state else ()) if e.name not in replaced]
-        pinned = sum(memfd_bytes(fd) for fd in kept) + sum(memfd_bytes(p[1]) for p in probed)
+        pinned = sum(memfd_bytes(fd) for fd in kept) + sum(memfd_bytes(p[1].fileno()) for p in probed)
         if pinned > policy.bytes_max:
             raise LimitExceeded(
                 f"{unit} would pin {pinned} bytes across the live update (holes count: preserve fills them); "
                 f"its budget is {policy.bytes_max} (BytesMax=)"
             )
-        dups = dup_all([p[1] for p in probed])
         state = self._unit(unit)
         before = dict(state.stored)
-        for (name, _, kind, session), dup in zip(probed, dups):
+        for name, fd, kind, session in probed:
             state.stored.pop(name, None)
-            state.stored[name] = Entry(name, kind, state.next_order, self._hold(dup), session)
+            state.stored[name] = Entry(name, kind, state.next_order, self._hold(fd), session)
             state.next_order += 1
         if policy.preserve_at is PreserveAt.STORE:
             if any(name in state.preserved for name, *_ in probed):
@@ -354,7 +358,7 @@ class Broker:
             if len(state.client_sessions) >= policy.fd_max:
                 raise LimitExceeded(f"{unit} may hold at most {policy.fd_max} sessions")
             with self.backend.device() as dev:
-                fd = dev.create_session(names.client_session_name(unit, name).encode())
+                fd = OwnedFd(dev.create_session(names.client_session_name(unit, name).encode()))
             held = state.client_sessions[name] = self._hold(fd)
             self._write_manifest()
             self._changed()
@@ -642,10 +646,10 @@ class Broker:
                 journal.event(
                     journal.REFUSED, f"Refusing the manifest of the previous kernel: {e}", level=logging.CRITICAL
                 )
-                self.manifest_session = self._hold(luod)
+                self.manifest_session = self._hold(OwnedFd(luod))
                 self._changed()
                 return None
-            incoming = self._hold(luod)
+            incoming = self._hold(OwnedFd(luod))
             self.update_count = manifest.update_count
             for carried in manifest.units:
                 try:
@@ -681,16 +685,16 @@ class Broker:
         state = self._unit(carried.unit)
         state.finished, state.restored_at = False, self.clock()
         if carried.session:
-            state.in_session = self._hold(self._retrieve_session(dev, carried.session))
+            state.in_session = self._hold(OwnedFd(self._retrieve_session(dev, carried.session)))
         for fd in carried.fds:
             if fd.kind is FdKind.MEMFD:
                 assert state.in_session is not None
                 got = self.backend.retrieve_fd(state.in_session.fd, fd.token)
             else:
                 got = self._retrieve_session(dev, fd.session)
-            state.restored[fd.name] = Entry(fd.name, fd.kind, fd.order, self._hold(got), fd.session)
+            state.restored[fd.name] = Entry(fd.name, fd.kind, fd.order, self._hold(OwnedFd(got)), fd.session)
         for name, session in carried.client_sessions:
-            state.restored_client_sessions[name] = self._hold(self._retrieve_session(dev, session))
+            state.restored_client_sessions[name] = self._hold(OwnedFd(self._retrieve_session(dev, session)))
         write_env_file(self.env_file(carried.unit), self.update_count)
         journal.event(
             journal.RESTORED,

@@ -2,8 +2,10 @@
 
 Method bodies are thin: find the caller, call the broker, map errors.  The known dbus-next defects are
 worked around here, each with a test in tests/test_dbus.py:
-- fds of calls that never reach a method (unknown method, wrong signature, built-in handlers) are leaked
-  by dbus-next: ``close_unclaimed_fds`` closes them after dispatch; methods close their own in ``finally``;
+- dbus-next never closes the fds a message brings: ``install_fd_guard`` owns them from its arrival
+  (``OwnedFds``); a call of one of our methods takes them over and closes what the broker did not keep,
+  however it ends; the fds of every other call (unknown method, wrong signature, built-in handlers) are
+  closed once dispatch is over;
 - closing a returned fd before the reply is written kills the connection: returned fds are closed when
   the send completes (``AgentBus.send``);
 - a full socket buffer (EAGAIN) tears the connection down: ``PatientWriter`` waits for writability;
@@ -32,6 +34,7 @@ from dbus_next.service import ServiceInterface, dbus_property, method, signal
 from luo_systemd import authz, errors
 from luo_systemd.api import AGENT, Caller, Problem
 from luo_systemd.broker import Broker, when_free
+from luo_systemd.ownedfd import OwnedFd, OwnedFds
 from luo_systemd.varlink import close_all
 
 log = logging.getLogger("luod")
@@ -41,6 +44,7 @@ OBJECT_PATH = "/io/liveupdate/Agent1"
 INTERFACE = "io.liveupdate.Agent1"
 REVISION = 2  # bumped on changes (2: problems carry left_out); the "1" in the name is the major version
 CURRENT_SENDER: contextvars.ContextVar[str] = contextvars.ContextVar("sender")
+RECEIVED: contextvars.ContextVar[OwnedFds] = contextvars.ContextVar("received")  # the current call's fds
 MAX_FDS_PER_MESSAGE = 16  # the bus daemon's limit as dbus-next handles it: more silently become None
 MAX_KNOWN_PEERS = 1024  # credentials kept per bus connection, dropped when the peer goes (NameOwnerChanged)
 NO_PROCESS_FD = (
@@ -97,16 +101,26 @@ class AgentBus(MessageBus):
         the event loop (its SendReply.__exit__ drops _exit's result), which logs a traceback each time."""
 
         def handler(msg: Message, send_reply: Any) -> None:
+            received = RECEIVED.get().take_all()  # this call owns the message's fds from here
+
+            async def call() -> Any:
+                with received:  # closes what the broker did not take, whatever happens
+                    RECEIVED.set(received)  # in this task's own context
+                    return await method.fn(interface, *ServiceInterface._msg_body_to_args(msg))
+
             def done(fut: "asyncio.Future[Any]") -> None:
                 try:
                     result = fut.result()
-                except DBusError as e:  # dbus_method turns every failure into one
+                except DBusError as e:  # dbus_method turns every failure of a method into one
                     send_reply(e._as_message(msg))
+                    return
+                except Exception as e:  # the arguments did not unpack (an 'h' naming no fd)
+                    send_reply(DBusError(errors.InvalidRequest().dbus_name, str(e))._as_message(msg))
                     return
                 body, fds = ServiceInterface._fn_result_to_body(result, method.out_signature_tree)
                 send_reply(Message.new_method_return(msg, method.out_signature, body, fds))
 
-            task = asyncio.ensure_future(method.fn(interface, *ServiceInterface._msg_body_to_args(msg)))
+            task = asyncio.ensure_future(call())
             task.add_done_callback(done)
 
         return handler
@@ -119,16 +133,27 @@ class AgentBus(MessageBus):
         return future
 
 
+def _owned(items: list[Any]) -> list[tuple[str, OwnedFd]]:
+    """StoreFds' (name, fd) pairs, each fd the call's own ``OwnedFd`` (dbus-next put in the numbers)."""
+    by_number = {fd.fileno(): fd for fd in RECEIVED.get() if not fd.closed}
+    out = []
+    for name, number in items:
+        fd = by_number.pop(number, None)
+        if fd is None:
+            raise errors.InvalidRequest("one fd is named twice in the call")
+        out.append((str(name), fd))
+    return out
+
+
 def _problems(problems: "list[Problem] | tuple[Problem, ...]") -> list[list[object]]:
     return [[p.unit, p.message, p.left_out] for p in problems]
 
 
 def dbus_method(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """Resolves the caller, runs the body, closes received fds, maps every error to a named D-Bus error."""
+    """Resolves the caller, runs the body, maps every error to a named D-Bus error."""
 
     @functools.wraps(fn)
     async def wrapper(self: "Agent1", *args: Any) -> Any:
-        received = [fd for fd in _fds_in(args)]
         try:
             caller = await self.caller()
             if fn.__name__ == "Preserve" and self.before_preserve is not None:
@@ -142,8 +167,6 @@ def dbus_method(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         except Exception as e:
             log.exception("Internal error in %s", fn.__name__)
             raise DBusError(errors.LuoError().dbus_name, f"internal error: {type(e).__name__}") from None
-        finally:
-            close_all(received)
 
     # dbus-next reads the D-Bus signature from the annotations: show it the method without ``caller``.
     signature = inspect.signature(fn)
@@ -151,15 +174,6 @@ def dbus_method(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         parameters=[p for name, p in signature.parameters.items() if name != "caller"]
     )
     return wrapper
-
-
-def _fds_in(args: Any) -> list[int]:
-    """The fds dbus-next put in place of 'h' values (only StoreFds takes fds: a(sh))."""
-    out: list[int] = []
-    for arg in args:
-        if isinstance(arg, list):
-            out += [item[1] for item in arg if isinstance(item, list) and len(item) == 2 and isinstance(item[1], int)]
-    return out
 
 
 class Agent1(ServiceInterface):
@@ -175,7 +189,7 @@ class Agent1(ServiceInterface):
         self.broker = broker
         self.cgroup_root = cgroup_root
         self.before_preserve = before_preserve  # lets a kexec that systemd started arm the agent first
-        self._peers: dict[str, tuple[int, int, Optional[int]]] = {}  # sender: (uid, pid, pidfd owned here)
+        self._peers: dict[str, tuple[int, int, Optional[OwnedFd]]] = {}  # sender: (uid, pid, pidfd)
         self._last_phase = broker.phase
         broker.listeners.append(self._broker_changed)
 
@@ -197,11 +211,10 @@ class Agent1(ServiceInterface):
             )
             if reply is None or reply.message_type is MessageType.ERROR:
                 raise errors.AccessDenied(f"cannot get the credentials of {sender}")
-            body = reply.body[0]
-            fds = list(reply.unix_fds)
-            pidfd = fds.pop(body["ProcessFD"].value) if "ProcessFD" in body else None
-            close_all(fds)
-            peer = (int(body["UnixUserID"].value), int(body["ProcessID"].value), pidfd)
+            with OwnedFds.wrap(list(reply.unix_fds)) as fds:
+                body = reply.body[0]
+                uid, pid = int(body["UnixUserID"].value), int(body["ProcessID"].value)
+                peer = (uid, pid, fds.pop(body["ProcessFD"].value) if "ProcessFD" in body else None)
             while len(self._peers) >= MAX_KNOWN_PEERS:
                 self.forget(next(iter(self._peers)))
             self._peers[sender] = peer
@@ -211,7 +224,7 @@ class Agent1(ServiceInterface):
     def forget(self, name: str) -> None:
         peer = self._peers.pop(name, None)
         if peer is not None and peer[2] is not None:
-            close_all([peer[2]])
+            peer[2].close()
 
     def _broker_changed(self) -> None:
         phase = self.broker.phase
@@ -235,7 +248,7 @@ class Agent1(ServiceInterface):
             raise errors.LimitExceeded(f"at most {MAX_FDS_PER_MESSAGE} fds per call; send several calls")
         if any(fd is None for _, fd in fds):
             raise errors.InvalidFd("no fd arrived: connect with unix fd negotiation (negotiate_unix_fd=True)")
-        self.broker.store(caller, unit, [(name, fd) for name, fd in fds])
+        self.broker.store(caller, unit, _owned(fds))
 
     @method()
     @dbus_method
@@ -334,9 +347,8 @@ class Agent1(ServiceInterface):
 
 
 def install_fd_guard(bus: MessageBus, agent: Agent1) -> None:
-    """Closes the fds of every call that does not reach one of our methods, once dispatch is over, and
-    remembers each call's sender for ``Agent1.caller``."""
-    ours = {m.name: m.in_signature for m in ServiceInterface._get_methods(agent)}
+    """Owns the fds of every call from its arrival: one of our methods takes them over (``AgentBus``), the
+    rest are closed once dispatch is over.  Remembers each call's sender for ``Agent1.caller``."""
     loop = asyncio.get_event_loop()
 
     def handler(msg: Message) -> None:
@@ -344,15 +356,13 @@ def install_fd_guard(bus: MessageBus, agent: Agent1) -> None:
             agent.forget(msg.body[0])
         if msg.message_type is not MessageType.METHOD_CALL:
             return
-        CURRENT_SENDER.set(msg.sender)  # the method's task is created next, copying this context
-        reaches_us = msg.interface == INTERFACE and ours.get(msg.member) == msg.signature and msg.path == OBJECT_PATH
-        if msg.unix_fds:
-            # The method closes the fds its 'h' arguments name (only StoreFds has any); the rest, here.
-            named = (
-                {i for _, i in msg.body[1] if isinstance(i, int)} if reaches_us and msg.member == "StoreFds" else set()
-            )
-            unnamed = [fd for i, fd in enumerate(msg.unix_fds) if i not in named]
-            loop.call_soon(close_all, unnamed)
+        # dbus-next dispatches the message right after this, in this context: a method of ours takes the fds
+        # over there (and copies the sender into its task); the fds of anything else are closed after.
+        CURRENT_SENDER.set(msg.sender)
+        received = OwnedFds.wrap(list(msg.unix_fds))
+        RECEIVED.set(received)
+        if received:
+            loop.call_soon(received.close)
 
     bus.add_message_handler(handler)
 
