@@ -166,21 +166,13 @@ class DBusDaemon:
         import asyncio  # noqa: PLC0415 - the qemu tier's initrd has this file but no dbus-next
 
         from dbus_next.aio.message_bus import MessageBus  # noqa: PLC0415
-        from dbus_next.message import Message  # noqa: PLC0415
+
+        from luo_systemd.dbus_service import driver_call  # noqa: PLC0415
 
         async def ask() -> bool:
             bus = await MessageBus(bus_address=self.address, negotiate_unix_fd=True).connect()
             try:
-                reply = await bus.call(
-                    Message(
-                        destination="org.freedesktop.DBus",
-                        path="/org/freedesktop/DBus",
-                        interface="org.freedesktop.DBus",
-                        member="GetConnectionCredentials",
-                        signature="s",
-                        body=[bus.unique_name],
-                    )
-                )
+                reply = await bus.call(driver_call("GetConnectionCredentials", "s", [bus.unique_name]))
             finally:
                 bus.disconnect()
             assert reply is not None

@@ -133,6 +133,18 @@ class AgentBus(MessageBus):
         return future
 
 
+def driver_call(member: str, signature: str, body: list[Any]) -> Message:
+    """A call of the bus itself (org.freedesktop.DBus)."""
+    return Message(
+        destination="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus",
+        member=member,
+        signature=signature,
+        body=body,
+    )
+
+
 def _owned(items: list[Any]) -> list[tuple[str, OwnedFd]]:
     """StoreFds' (name, fd) pairs, each fd the call's own ``OwnedFd`` (dbus-next put in the numbers)."""
     by_number = {fd.fileno(): fd for fd in RECEIVED.get() if not fd.closed}
@@ -199,16 +211,7 @@ class Agent1(ServiceInterface):
         sender = CURRENT_SENDER.get()
         peer = self._peers.get(sender)
         if peer is None:
-            reply = await self.bus.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="GetConnectionCredentials",
-                    signature="s",
-                    body=[sender],
-                )
-            )
+            reply = await self.bus.call(driver_call("GetConnectionCredentials", "s", [sender]))
             if reply is None or reply.message_type is MessageType.ERROR:
                 raise errors.AccessDenied(f"cannot get the credentials of {sender}")
             with OwnedFds.wrap(list(reply.unix_fds)) as fds:
@@ -370,14 +373,7 @@ def install_fd_guard(bus: MessageBus, agent: Agent1) -> None:
 async def watch_peers(bus: MessageBus) -> None:
     """Asks the bus for NameOwnerChanged, so a peer's cached credentials go when the peer goes."""
     reply = await bus.call(
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member="AddMatch",
-            signature="s",
-            body=["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"],
-        )
+        driver_call("AddMatch", "s", ["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"])
     )
     if reply is None or reply.message_type is MessageType.ERROR:
         raise errors.LuoError("the bus refused to report departing peers (AddMatch NameOwnerChanged)")
