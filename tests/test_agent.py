@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -207,8 +208,9 @@ def dbus_preflight(agent: Agent) -> list[list[object]]:
 
 def test_a_unit_with_a_problem_is_left_out_and_the_others_go_ahead(agent_unstarted: Agent, emulator: Emulator) -> None:
     """demo.service (OnPreflightFailure= left at its default, leave-out) stored one file twice: it is named
-    and left out, other.service is carried."""
+    and left out, other.service is carried.  A SIGKILL of luod after the arm does not bring demo back in."""
     agent = agent_unstarted
+    agent.fdstore = {}  # luod's own fd store, handed back on restart as systemd does
     agent.start()
     assert agent.run_as("demo.service", STORE_TWICE).returncode == 0
     content = pattern("other", 2 * PAGE)
@@ -218,6 +220,8 @@ def test_a_unit_with_a_problem_is_left_out_and_the_others_go_ahead(agent_unstart
     assert agent.call("Preflight")[0] == {"problems": [left_out]}
     assert dbus_preflight(agent) == [["demo.service", TWICE, True]]
     assert agent.call("Arm")[0] == {"problems": [left_out]}, "Arm goes ahead and names the unit it leaves out"
+    agent.stop(signal.SIGKILL)
+    agent.start()
     status, _ = agent.call("Status")
     assert status["phase"] == "armed" and status["problems"] == [left_out]
     assert agent.call("Preserve", {"unit": "demo.service"})[0] == {"preserved": 0}
@@ -226,6 +230,9 @@ def test_a_unit_with_a_problem_is_left_out_and_the_others_go_ahead(agent_unstart
     kexec = emulator.live_update()
     assert sorted(kexec["carried"]) == ["luod", "luod/other.service"], kexec  # type: ignore[arg-type]
     agent.stop()
+    for fd in agent.fdstore.values():  # the machine went down, and luod's fd store with it
+        os.close(fd)
+    agent.fdstore = {}
     agent.start()
     status, _ = agent.call("Status")
     assert [u["unit"] for u in status["units"]] == ["other.service"] and status["problems"] == []
