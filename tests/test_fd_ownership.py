@@ -177,3 +177,23 @@ def test_an_unexpected_exception_mid_call_leaks_no_received_fd(
     finally:
         if caller is not None:
             caller.close()
+
+
+@pytest.mark.parametrize(
+    ("indices", "error"),
+    [([0, 0], "one fd is named twice in the call"), ([0, 3], "no fd arrived")],
+)
+def test_a_dbus_call_naming_fds_wrongly_leaks_none(luod: InProcessLuod, indices: list[int], error: str) -> None:
+    """StoreFds whose 'h' values name one fd twice, or an fd the message does not carry (dbus-next makes it
+    None): refused by name, and the fds that came are all closed."""
+    caller = DBusCaller()
+    try:
+        mine = [memfd("a", b"a"), memfd("b", b"b")]
+        baseline = open_fds()
+        body = ["demo.service", [[f"fd{i}", index] for i, index in enumerate(indices)]]
+        with pytest.raises((errors.InvalidRequest, errors.InvalidFd), match=error):
+            caller.loop.run_until_complete(caller.client.call("StoreFds", "sa(sh)", body, mine))
+        assert fds_fall_to(baseline) == baseline
+        assert "demo.service" not in luod.broker.units
+    finally:
+        caller.close()

@@ -101,21 +101,19 @@ class AgentBus(MessageBus):
         the event loop (its SendReply.__exit__ drops _exit's result), which logs a traceback each time."""
 
         def handler(msg: Message, send_reply: Any) -> None:
+            args = ServiceInterface._msg_body_to_args(msg)  # should this raise, install_fd_guard closes the fds
             received = RECEIVED.get().take_all()  # this call owns the message's fds from here
 
             async def call() -> Any:
                 with received:  # closes what the broker did not take, whatever happens
                     RECEIVED.set(received)  # in this task's own context
-                    return await method.fn(interface, *ServiceInterface._msg_body_to_args(msg))
+                    return await method.fn(interface, *args)
 
             def done(fut: "asyncio.Future[Any]") -> None:
                 try:
                     result = fut.result()
-                except DBusError as e:  # dbus_method turns every failure of a method into one
+                except DBusError as e:  # dbus_method turns every failure into one
                     send_reply(e._as_message(msg))
-                    return
-                except Exception as e:  # the arguments did not unpack (an 'h' naming no fd)
-                    send_reply(DBusError(errors.InvalidRequest().dbus_name, str(e))._as_message(msg))
                     return
                 body, fds = ServiceInterface._fn_result_to_body(result, method.out_signature_tree)
                 send_reply(Message.new_method_return(msg, method.out_signature, body, fds))
