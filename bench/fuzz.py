@@ -130,7 +130,7 @@ def varlink_call(path: str, payload: bytes, fds: list[int]) -> dict[str, Any] | 
         finally:
             reader.close()
         doc, reply_fds = msg
-        varlink.close_all(reply_fds)
+        reply_fds.close()
         return doc
 
 

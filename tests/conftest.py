@@ -12,7 +12,7 @@ import pytest
 
 from luo_systemd import uapi
 from luo_systemd.liveupdate import Backend, kernel_backend
-from tests.harness import Agent, DBusDaemon, Emulator, UnitTree
+from tests.harness import Agent, DBusDaemon, Emulator, UnitTree, rootfs_dbus_daemon
 
 
 @pytest.fixture
@@ -53,9 +53,21 @@ def tree(request: pytest.FixtureRequest) -> Iterator[UnitTree]:
         t.cleanup()
 
 
+PIDFD_BUS_SUITE = "trixie"  # dbus 1.16.2: ProcessFD in GetConnectionCredentials
+
+
 @pytest.fixture
-def bus(tmp_path: Path) -> Iterator[DBusDaemon]:
-    daemon = DBusDaemon(tmp_path)
+def bus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DBusDaemon]:
+    """The host's dbus-daemon; ``parametrize("bus", ["pidfd"], indirect=True)``: one that gives ProcessFD
+    (trixie's, from the root file system cache)."""
+    if getattr(request, "param", "host") == "pidfd":
+        argv = rootfs_dbus_daemon(PIDFD_BUS_SUITE)
+        if argv is None:
+            pytest.skip(f"no {PIDFD_BUS_SUITE} root file system in the cache (tests/nspawn/build-rootfs.sh builds it)")
+        daemon = DBusDaemon(tmp_path, argv)
+        assert daemon.pidfds, f"{PIDFD_BUS_SUITE}'s dbus-daemon gives no ProcessFD"
+    else:
+        daemon = DBusDaemon(tmp_path)
     try:
         yield daemon
     finally:

@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -127,10 +128,22 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Config
 """
 
 
+def rootfs_dbus_daemon(suite: str) -> Optional[list[str]]:
+    """argv running the dbus-daemon of a cached Debian root file system here, through that root file
+    system's own dynamic loader and libraries (no chroot: the bus's socket and luod's policy file stay
+    where the tests put them); None if that root file system was not built.  trixie's and sid's dbus
+    1.16 give ProcessFD in GetConnectionCredentials (dbus >= 1.15.8); the host's 1.14 does not."""
+    root = Path(os.environ.get("LUO_CACHE", "/var/cache/luo-systemd"), "rootfs", suite)
+    libs = root / "usr/lib/x86_64-linux-gnu"
+    if not (root / "usr/bin/dbus-daemon").exists() or not (libs / "ld-linux-x86-64.so.2").exists():
+        return None
+    return [str(libs / "ld-linux-x86-64.so.2"), "--library-path", str(libs), str(root / "usr/bin/dbus-daemon")]
+
+
 class DBusDaemon:
     """A dbus-daemon configured like the system bus (default deny), with luod's own policy file."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, daemon: Sequence[str] = ("dbus-daemon",)) -> None:
         # Like /run/dbus: reachable by unprivileged callers (pytest's tmp_path is not).
         self.run_dir = Path(tempfile.mkdtemp(prefix="luo-bus-"))
         self.run_dir.chmod(0o755)
@@ -138,13 +151,36 @@ class DBusDaemon:
         config = directory / "bus.conf"
         config.write_text(BUS_CONFIG.format(socket=self.socket, policy=TOP / "units" / "io.liveupdate.Agent1.conf"))
         self.proc = subprocess.Popen(
-            ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address"],
+            [*daemon, f"--config-file={config}", "--nofork", "--print-address"],
             stdout=subprocess.PIPE,
             text=True,
         )
         assert self.proc.stdout is not None
         self.address = self.proc.stdout.readline().strip()  # printed once it listens
         assert self.address.startswith("unix:"), self.address
+        self.pidfds = self.gives_process_fd()
+
+    def gives_process_fd(self) -> bool:
+        """Whether this bus puts ProcessFD into GetConnectionCredentials (dbus-daemon 1.14 does not), asked
+        for a connection of our own."""
+        import asyncio  # noqa: PLC0415 - the qemu tier's initrd has this file but no dbus-next
+
+        from dbus_next.aio.message_bus import MessageBus  # noqa: PLC0415
+
+        from luo_systemd.dbus_service import driver_call  # noqa: PLC0415
+
+        async def ask() -> bool:
+            bus = await MessageBus(bus_address=self.address, negotiate_unix_fd=True).connect()
+            try:
+                reply = await bus.call(driver_call("GetConnectionCredentials", "s", [bus.unique_name]))
+            finally:
+                bus.disconnect()
+            assert reply is not None
+            for fd in reply.unix_fds:
+                os.close(fd)
+            return "ProcessFD" in reply.body[0]
+
+        return asyncio.run(ask())
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -177,3 +178,80 @@ def test_a_busy_device_is_retried_then_reported(agent: Agent, emulator: Emulator
     assert 1.0 < waited < 5.0, f"bounded backoff: {waited:.2f}s"
     problems, _ = agent.call("Preflight")
     assert not any("/dev/liveupdate" in p["message"] for p in problems["problems"])
+
+
+STORE_TWICE = """
+fd = os.memfd_create("cache", os.MFD_CLOEXEC)
+os.write(fd, b"one file under two names")
+with varlink.Client(sock) as c:
+    c.call("Store", {"names": ["a", "b"]}, [fd, fd])  # the kernel preserves a file only once
+"""
+TWICE = "'b' of demo.service is the same file as 'a' of demo.service: the kernel preserves a file only once"
+
+
+def dbus_preflight(agent: Agent) -> list[list[object]]:
+    """Preflight over D-Bus, as root."""
+    assert agent.bus is not None
+    code = f"""
+    import asyncio
+    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = {agent.bus.address!r}
+    from luo_systemd.dbus_client import AgentClient
+    async def main():
+        c = await AgentClient.connect()
+        print(json.dumps((await c.call("Preflight", "", [])).body[0]))
+    asyncio.run(main())
+    """
+    out = agent.run_as("demo.service", code)
+    assert out.returncode == 0, out.stderr
+    return list(json.loads(out.stdout))
+
+
+def test_a_unit_with_a_problem_is_left_out_and_the_others_go_ahead(agent_unstarted: Agent, emulator: Emulator) -> None:
+    """demo.service (OnPreflightFailure= left at its default, leave-out) stored one file twice: it is named
+    and left out, other.service is carried.  A SIGKILL of luod after the arm does not bring demo back in."""
+    agent = agent_unstarted
+    agent.fdstore = {}  # luod's own fd store, handed back on restart as systemd does
+    agent.start()
+    assert agent.run_as("demo.service", STORE_TWICE).returncode == 0
+    content = pattern("other", 2 * PAGE)
+    assert agent.run_as("other.service", STORE_CACHE.format(content=content.hex())).returncode == 0
+    emulator.load()
+    left_out = {"unit": "demo.service", "message": TWICE, "left_out": True}
+    assert agent.call("Preflight")[0] == {"problems": [left_out]}
+    assert dbus_preflight(agent) == [["demo.service", TWICE, True]]
+    assert agent.call("Arm")[0] == {"problems": [left_out]}, "Arm goes ahead and names the unit it leaves out"
+    agent.stop(signal.SIGKILL)
+    agent.start()
+    status, _ = agent.call("Status")
+    assert status["phase"] == "armed" and status["problems"] == [left_out]
+    assert agent.call("Preserve", {"unit": "demo.service"})[0] == {"preserved": 0}
+    assert agent.call("Preserve", {"unit": "other.service"})[0] == {"preserved": 1}
+    assert "Leaving demo.service out of the live update: " + TWICE in agent.log.read_text()
+    kexec = emulator.live_update()
+    assert sorted(kexec["carried"]) == ["luod", "luod/other.service"], kexec  # type: ignore[arg-type]
+    agent.stop()
+    for fd in agent.fdstore.values():  # the machine went down, and luod's fd store with it
+        os.close(fd)
+    agent.fdstore = {}
+    agent.start()
+    status, _ = agent.call("Status")
+    assert [u["unit"] for u in status["units"]] == ["other.service"] and status["problems"] == []
+    reply, fds = agent.call("Retrieve", {"unit": "other.service"})
+    assert reply == {"names": ["cache"]} and digest(fds[0]) == hashlib.sha256(content).hexdigest()
+    os.close(fds[0])
+    assert agent.call("List", {"unit": "demo.service"})[0] == {"fds": []}, "freed at the kexec"
+
+
+def test_a_unit_that_says_refuse_refuses_the_live_update(agent_unstarted: Agent, emulator: Emulator) -> None:
+    agent = agent_unstarted
+    agent.opt_in("demo.service", "[X-LiveUpdate]\nOnPreflightFailure=refuse\n")
+    agent.start()
+    assert agent.run_as("demo.service", STORE_TWICE).returncode == 0
+    emulator.load()
+    assert agent.call("Preflight")[0] == {"problems": [{"unit": "demo.service", "message": TWICE, "left_out": False}]}
+    assert dbus_preflight(agent) == [["demo.service", TWICE, False]]
+    with pytest.raises(errors.PreflightFailed, match="demo.service: " + TWICE):
+        agent.call("Arm")
+    assert agent.call("Status")[0]["phase"] == "idle"
+    problems, _ = agent.call("Arm", {"force": True})
+    assert problems["problems"][0]["left_out"] is False, "forced: the unit is not left out, it is tried"

@@ -11,6 +11,7 @@ import pytest
 
 from luo_systemd.api import Caller
 from luo_systemd.broker import Broker, BrokerConfig
+from luo_systemd.ownedfd import OwnedFd
 from luo_systemd.policy import Policy, parse_policy
 from luo_systemd.state import NoFdStore
 from tests.contract.scenarios import digest, memfd
@@ -39,8 +40,7 @@ def test_a_unit_that_does_not_come_back(emulator: Emulator, tmp_path: Path, on_n
     policies = {"vm.service": f"[X-LiveUpdate]\nOnNoReturn={on_no_return}\nReturnTimeoutSec=60\n"}
     clock = Clock()
     before = broker_on(emulator, policies, clock, tmp_path)
-    fd = memfd("ram", b"guest memory")
-    before.store(ROOT, "vm.service", [("ram", fd)])
+    before.store(ROOT, "vm.service", [("ram", OwnedFd(memfd("ram", b"guest memory")))])  # the broker takes it
     emulator.load()
     before.arm(ROOT, force=True)  # force: the agent under test is no '@' process
     assert before.preserve(ROOT, "vm.service") == 1
@@ -62,4 +62,3 @@ def test_a_unit_that_does_not_come_back(emulator: Emulator, tmp_path: Path, on_n
         assert digest(ram) == hashlib.sha256(b"guest memory").hexdigest()
     else:
         assert "vm.service" not in after.units, "discarded"
-    os.close(fd)

@@ -7,9 +7,11 @@ import json
 import pytest
 
 from luo_systemd import names
+from luo_systemd.api import Problem, refusing
+from luo_systemd.broker import judged
 from luo_systemd.errors import BadManifest, InvalidName, InvalidRequest
 from luo_systemd.manifest import CarriedFd, CarriedUnit, FdKind, Manifest
-from luo_systemd.policy import FinishMode, NoReturn, PreserveAt, parse_policy
+from luo_systemd.policy import FinishMode, NoReturn, OnPreflightFailure, PreserveAt, parse_policy
 
 
 @pytest.mark.parametrize("name", ["a", "cache", "x" * 255, "with space", "~!@#$%^&*()"])
@@ -52,6 +54,33 @@ def test_policy_defaults_and_overrides() -> None:
     assert parse_policy([policy.to_section()]) == policy, "the normalized section reads back the same"
 
 
+def test_on_preflight_failure_defaults_to_leaving_the_unit_out() -> None:
+    default = parse_policy(["[X-LiveUpdate]\n"])
+    assert default is not None and default.on_preflight_failure is OnPreflightFailure.LEAVE_OUT
+    assert "OnPreflightFailure" not in default.to_section()
+    refuse = parse_policy(["[X-LiveUpdate]\nOnPreflightFailure=refuse\n"])
+    assert refuse is not None and refuse.on_preflight_failure is OnPreflightFailure.REFUSE
+    assert "OnPreflightFailure=refuse" in refuse.to_section() and parse_policy([refuse.to_section()]) == refuse
+
+
+def test_a_units_problem_refuses_only_if_its_policy_says_so() -> None:
+    policies = {
+        "cache.service": parse_policy(["[X-LiveUpdate]\n"]),
+        "vm.service": parse_policy(["[X-LiveUpdate]\nOnPreflightFailure=refuse\n"]),
+    }
+    problems = [
+        Problem("cache.service", "a file stored twice"),
+        Problem("vm.service", "QEMU cannot save its state"),
+        Problem("gone.service", "has stored fds but no [X-LiveUpdate] section any more"),
+        Problem("", "not enough memory"),
+    ]
+    got = judged(problems, policies.get)
+    assert [p.left_out for p in got] == [True, False, False, False]
+    assert [p.unit for p in refusing(got)] == ["vm.service", "gone.service", ""]
+    assert got[0].line() == "cache.service: a file stored twice (left out of the live update)"
+    assert refusing(judged(problems[:1], policies.get)) == [], "only a unit that may be left out: no veto"
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
@@ -60,6 +89,7 @@ def test_policy_defaults_and_overrides() -> None:
         ("ReturnTimeoutSec=soon", "is not a time"),
         ("Unknown=1", "unknown key Unknown="),
         ("FileDescriptorNames=a:b", "contains ':'"),
+        ("OnPreflightFailure=ignore", "expected leave-out|refuse"),
     ],
 )
 def test_policy_errors_name_the_key(line: str, message: str) -> None:

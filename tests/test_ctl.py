@@ -67,3 +67,20 @@ def test_discard_and_finish(agent: Agent, capsys: pytest.CaptureFixture[str]) ->
     assert code == 0 and "had nothing to finish" in out
     assert run(agent, capsys, "discard", "demo.service")[0] == 0
     assert json.loads(run(agent, capsys, "--json=short", "status")[1])["units"] == []
+
+
+def test_a_unit_left_out_is_named_and_does_not_fail_the_preflight(
+    agent: Agent, emulator: Emulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store_twice = STORE.replace('["cache"]}, [fd]', '["a", "b"]}, [fd, fd]')
+    assert agent.run_as("demo.service", store_twice).returncode == 0
+    emulator.load()
+    code, out, _ = run(agent, capsys, "preflight")
+    assert code == 0, out
+    assert "demo.service: 'b' of demo.service is the same file as 'a'" in out
+    assert "(left out of the live update)" in out and "the units above are left out" in out
+    code, out, _ = run(agent, capsys, "--json=short", "preflight")
+    assert code == 0 and [p["left_out"] for p in json.loads(out)["problems"]] == [True]
+    agent.call("Arm")
+    code, out, _ = run(agent, capsys, "status")
+    assert code == 0 and "Phase: armed" in out and "(left out of the live update)" in out.split("Problems:")[1]

@@ -17,7 +17,7 @@ from luo_systemd import errors
 from luo_systemd.dbus_client import AgentClient
 from luo_systemd.dbus_service import BUS_NAME, INTERFACE, OBJECT_PATH, _patient_write_callback
 from tests.contract.scenarios import memfd
-from tests.harness import NOBODY, Agent
+from tests.harness import NOBODY, Agent, DBusDaemon
 
 
 @pytest.fixture
@@ -122,26 +122,11 @@ def test_returned_fds_survive_the_reply(agent: Agent, client: AgentClient) -> No
     os.close(again)
 
 
-def bus_gives_pidfds(client: AgentClient) -> bool:
-    """Whether this bus daemon puts ProcessFD into GetConnectionCredentials (dbus-daemon 1.14 does not)."""
-    msg = Message(
-        destination="org.freedesktop.DBus",
-        path="/org/freedesktop/DBus",
-        interface="org.freedesktop.DBus",
-        member="GetConnectionCredentials",
-        signature="s",
-        body=[client.bus.unique_name],
-    )
-    reply = run(client, client.bus.call(msg))
-    assert isinstance(reply, Message)
-    for fd in reply.unix_fds:
-        os.close(fd)
-    return "ProcessFD" in reply.body[0]
-
-
-def test_unit_callers_over_dbus(agent: Agent, client: AgentClient) -> None:
-    """The unit comes from the pidfd the bus gives for the caller's connection, as on the Varlink socket.
-    A bus that gives none: callers other than root are refused by name, never looked up by PID."""
+@pytest.mark.parametrize("bus", ["host", "pidfd"], indirect=True)
+def test_unit_callers_over_dbus(bus: DBusDaemon, agent: Agent, client: AgentClient) -> None:
+    """The unit comes from the pidfd the bus gives for the caller's connection (ProcessFD, dbus >= 1.15.8:
+    trixie's 1.16 here), as on the Varlink socket.  A bus that gives none (the host's 1.14): callers other
+    than root are refused by name, never looked up by PID."""
     assert agent.bus is not None
     code = f"""
     import asyncio
@@ -163,8 +148,10 @@ def test_unit_callers_over_dbus(agent: Agent, client: AgentClient) -> None:
     asyncio.run(main())
     """
     out = agent.run_as("other.service", code, uid=NOBODY)
-    if bus_gives_pidfds(client):
+    if bus.pidfds:
         assert "own: ['mine']" in out.stdout, out.stdout + out.stderr
+        listing, _ = agent.call("List", {"unit": "other.service"})  # root, over Varlink: where it landed
+        assert [f["name"] for f in listing["fds"]] == ["mine"]
     else:
         assert "refused:" in out.stdout and "gives no pidfd for this peer (ProcessFD" in out.stdout, out.stdout
         assert run(client, client.list_fds(unit="other.service")) == [], "nothing was stored"

@@ -16,7 +16,7 @@ import pytest
 
 from luo_systemd import errors
 from tests.contract.scenarios import memfd
-from tests.harness import NOBODY, Agent, Emulator, python_path
+from tests.harness import NOBODY, Agent, DBusDaemon, Emulator, python_path
 
 STORE_CACHE = """
 fd = os.memfd_create("cache", os.MFD_CLOEXEC)
@@ -73,10 +73,10 @@ os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = {address!r}
 from luo_systemd.dbus_client import AgentClient
 loop = asyncio.new_event_loop()
 client = loop.run_until_complete(AgentClient.connect())
-try:
-    loop.run_until_complete(client.list_fds())  # luod learns this connection's credentials (PID = ours)
+try:  # luod learns this connection's credentials (PID = ours; with ProcessFD, a pidfd of ours)
+    print("before:", loop.run_until_complete(client.list_fds()), flush=True)
 except errors.AccessDenied:
-    pass  # a bus without ProcessFD: refused already
+    print("before: refused", flush=True)  # a bus without ProcessFD: refused already
 if os.fork():
     print(os.getpid(), flush=True)
     os._exit(0)  # the connection lives on in the child; our PID is free for the next process
@@ -102,9 +102,11 @@ def spawn_with_pid(pid: int, argv: list[str]) -> subprocess.Popen[bytes] | None:
     return None
 
 
-def test_dbus_identity_is_not_lent_by_a_recycled_pid(agent: Agent) -> None:
+@pytest.mark.parametrize("bus", ["host", "pidfd"], indirect=True)
+def test_dbus_identity_is_not_lent_by_a_recycled_pid(bus: DBusDaemon, agent: Agent) -> None:
     """A process connects, forks and exits: its PID, reused in demo.service, must not lend demo's unit to
-    the child that kept the connection."""
+    the child that kept the connection.  On a bus with ProcessFD (dbus 1.16) the attacker is served as
+    other.service first, and the pidfd of its exited process then refuses the child."""
     assert agent.bus is not None
     assert agent.run_as("demo.service", STORE_CACHE).returncode == 0
     prologue = "import os, json\nfrom luo_systemd import varlink, errors\n"
@@ -114,6 +116,7 @@ def test_dbus_identity_is_not_lent_by_a_recycled_pid(agent: Agent) -> None:
     for _ in range(5):  # another process on the machine may take the PID first
         attacker = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert attacker.stdin is not None and attacker.stdout is not None
+        before = attacker.stdout.readline()
         freed = int(attacker.stdout.readline())
         attacker.wait()  # reaped: the PID is free
         holder = spawn_with_pid(freed, agent.tree.argv("demo.service", ["sleep", "60"]))
@@ -130,6 +133,11 @@ def test_dbus_identity_is_not_lent_by_a_recycled_pid(agent: Agent) -> None:
             holder.wait()
         assert "list refused: AccessDenied" in out, out
         assert "store refused: AccessDenied" in out, out
+        if bus.pidfds:
+            assert before == "before: []\n", before  # served as other.service, which holds nothing
+            assert "has exited" in out, out  # the pidfd, not the recycled PID, decided
+        else:
+            assert before == "before: refused\n", before
         listing, _ = agent.call("List", {"unit": "demo.service"})
         assert [f["name"] for f in listing["fds"]] == ["cache"]
         return

@@ -7,6 +7,7 @@ these to its wire format in one place; nothing indexes untyped dicts.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Optional
 
 
@@ -34,6 +35,16 @@ AGENT = Caller(uid=0, pid=0, unit=None)  # luod itself, acting on its own decisi
 class Problem:
     unit: str  # "" for the whole system
     message: str
+    left_out: bool = False  # the unit is left out of the live update (OnPreflightFailure=leave-out): no veto
+
+    def line(self) -> str:
+        text = f"{self.unit}: {self.message}" if self.unit else self.message
+        return text + (" (left out of the live update)" if self.left_out else "")
+
+
+def refusing(problems: Iterable[Problem]) -> list[Problem]:
+    """The problems that refuse a live update: all but those of units left out of it."""
+    return [p for p in problems if not p.left_out]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,13 +13,14 @@ from typing import Optional
 from luo_systemd import cgroups, names
 from luo_systemd.api import Caller
 from luo_systemd.errors import AccessDenied
+from luo_systemd.ownedfd import OwnedFd
 
 
-def identify(uid: int, pid: int, pidfd: Optional[int], cgroup_root: str, no_pidfd_reason: str) -> Caller:
+def identify(uid: int, pid: int, pidfd: Optional[OwnedFd], cgroup_root: str, no_pidfd_reason: str) -> Caller:
     """The caller behind a connection: its unit is read through ``pidfd``; never looked up by PID."""
     if pidfd is None:
         return Caller(uid=uid, pid=pid, unit=None, unverified=no_pidfd_reason)
-    return Caller(uid=uid, pid=pid, unit=cgroups.unit_of_pidfd(pidfd, cgroup_root))
+    return Caller(uid=uid, pid=pid, unit=cgroups.unit_of_pidfd(pidfd.fileno(), cgroup_root))
 
 
 def authorize(caller: Caller, unit: str) -> str:

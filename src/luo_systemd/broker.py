@@ -21,7 +21,7 @@ from typing import Callable, Optional, TypeVar
 
 from luo_systemd import authz, journal, names, syscalls
 from luo_systemd import state as held_state
-from luo_systemd.api import AGENT, AgentStatus, Caller, FdInfo, Problem, UnitStatus
+from luo_systemd.api import AGENT, AgentStatus, Caller, FdInfo, Problem, UnitStatus, refusing
 from luo_systemd.errors import (
     AccessDenied,
     BadManifest,
@@ -38,7 +38,8 @@ from luo_systemd.errors import (
 )
 from luo_systemd.liveupdate import Backend, Device
 from luo_systemd.manifest import CarriedFd, CarriedUnit, FdKind, Manifest
-from luo_systemd.policy import NoReturn, Policy, PreserveAt
+from luo_systemd.ownedfd import OwnedFd
+from luo_systemd.policy import NoReturn, OnPreflightFailure, Policy, PreserveAt
 from luo_systemd.state import (
     HELD_KEY_PREFIX,
     STATE_KEY_PREFIX,
@@ -136,10 +137,19 @@ class Broker:
             return Phase.RESTORED
         return Phase.IDLE
 
-    def _hold(self, fd: int) -> Held:
+    @property
+    def left_out(self) -> frozenset[str]:
+        """Units left out of the live update under way (OnPreflightFailure=leave-out): not preserved, not
+        in the manifest.  Kept as their problems in ``problems``, which the snapshot holds."""
+        return frozenset(p.unit for p in self.problems if p.left_out)
+
+    def _hold(self, fd: OwnedFd) -> Held:
+        """Takes ``fd`` over, mirrored in the fd store under a new key; if that fails, ``fd`` is still the
+        caller's to close."""
         self._next_key += 1
-        held = Held(fd=fd, key=f"{HELD_KEY_PREFIX}{self._next_key}")
-        self.fdstore.keep(held.key, fd)
+        key = f"{HELD_KEY_PREFIX}{self._next_key}"
+        self.fdstore.keep(key, fd.fileno())
+        held = Held.take(fd, key)
         crash_point("kept " + held.key)
         return held
 
@@ -190,20 +200,21 @@ class Broker:
 
     # -- the fd-store-like API, for a unit's own entries
 
-    def store(self, caller: Caller, unit: str, items: list[tuple[str, int]]) -> None:
-        """Stores named fds for a unit (as dups; the caller keeps its fds).  A stored name is replaced."""
+    def store(self, caller: Caller, unit: str, items: list[tuple[str, OwnedFd]]) -> None:
+        """Stores named fds for a unit, taking the received fds over (those left are the caller's to close).
+        A stored name is replaced."""
         unit = authz.authorize(caller, unit)
         policy = self._policy(unit)
         state = self.units.get(unit)
         if self.armed and state is not None and state.out_session is not None:
             raise WrongPhase(f"{unit} was already preserved for the live update under way")
-        probed: list[tuple[str, int, FdKind, str]] = []
+        probed: list[tuple[str, OwnedFd, FdKind, str]] = []
         for name, fd in items:
             names.check_fd_name(name)
             if any(p[0] == name for p in probed):
                 raise LimitExceeded(f"fd name {name!r} appears twice in one call")
             try:
-                kind, session = self.probe_kind(fd)
+                kind, session = self.probe_kind(fd.fileno())
             except InvalidFd as e:
                 journal.event(
                     journal.REFUSED, f"Refused '{name}' of {unit}: {e}", unit=unit, fdname=name, level=logging.WARNING
@@ -217,18 +228,17 @@ class Broker:
             raise LimitExceeded(f"the agent holds at most {self.config.max_fds_total} fds in all")
         replaced = {p[0] for p in probed}
         kept = [e.held.fd for e in (state.stored.values() if state else ()) if e.name not in replaced]
-        pinned = sum(memfd_bytes(fd) for fd in kept) + sum(memfd_bytes(p[1]) for p in probed)
+        pinned = sum(memfd_bytes(fd) for fd in kept) + sum(memfd_bytes(p[1].fileno()) for p in probed)
         if pinned > policy.bytes_max:
             raise LimitExceeded(
                 f"{unit} would pin {pinned} bytes across the live update (holes count: preserve fills them); "
                 f"its budget is {policy.bytes_max} (BytesMax=)"
             )
-        dups = dup_all([p[1] for p in probed])
         state = self._unit(unit)
         before = dict(state.stored)
-        for (name, _, kind, session), dup in zip(probed, dups):
+        for name, fd, kind, session in probed:
             state.stored.pop(name, None)
-            state.stored[name] = Entry(name, kind, state.next_order, self._hold(dup), session)
+            state.stored[name] = Entry(name, kind, state.next_order, self._hold(fd), session)
             state.next_order += 1
         if policy.preserve_at is PreserveAt.STORE:
             if any(name in state.preserved for name, *_ in probed):
@@ -348,7 +358,7 @@ class Broker:
             if len(state.client_sessions) >= policy.fd_max:
                 raise LimitExceeded(f"{unit} may hold at most {policy.fd_max} sessions")
             with self.backend.device() as dev:
-                fd = dev.create_session(names.client_session_name(unit, name).encode())
+                fd = OwnedFd(dev.create_session(names.client_session_name(unit, name).encode()))
             held = state.client_sessions[name] = self._hold(fd)
             self._write_manifest()
             self._changed()
@@ -369,7 +379,7 @@ class Broker:
         its session holds (0: nothing to do)."""
         unit = authz.authorize(caller, unit)
         state = self.units.get(unit)
-        if not self.armed or state is None or not state.stored:
+        if not self.armed or state is None or not state.stored or unit in self.left_out:
             return len(state.preserved) if state else 0
         self._preserve_unit(state, self._policy(unit))
         self._write_manifest()
@@ -379,6 +389,8 @@ class Broker:
     def _preserve_unit(self, state: UnitState, policy: Policy) -> None:
         """Preserves the unit's carried memfds, in store order (tokens 1..n), into its session luod/UNIT."""
         wanted = tuple(e.name for e in state.stored.values() if e.kind is FdKind.MEMFD and policy.carries(e.name))
+        if state.unit in self.left_out:
+            wanted = ()  # its fds stay held and go at the kexec, as at an ordinary reboot
         if state.out_session is not None and state.preserved == wanted:
             return
         self._drop_out_session(state)
@@ -411,7 +423,10 @@ class Broker:
 
     def manifest(self) -> Manifest:
         units = []
+        left_out = self.left_out
         for state in self.units.values():
+            if state.unit in left_out:
+                continue
             fds = [
                 CarriedFd(n, FdKind.MEMFD, state.stored[n].order, token=t)
                 for t, n in enumerate(state.preserved, start=1)
@@ -472,7 +487,13 @@ class Broker:
         for state in self.units.values():
             policy = self.policy_of(state.unit)
             if policy is None and state.stored:
-                problems.append(Problem(state.unit, "has stored fds but no [X-LiveUpdate] section any more"))
+                problems.append(
+                    Problem(
+                        state.unit,
+                        "has stored fds but no [X-LiveUpdate] section any more "
+                        f"(liveupdatectl discard {state.unit} frees them)",
+                    )
+                )
             for entry in state.stored.values():
                 where = f"'{entry.name}' of {state.unit}"
                 if entry.kind is FdKind.MEMFD:
@@ -487,7 +508,7 @@ class Broker:
                         )
         for check in self.extra_checks:
             problems += check()
-        return problems
+        return judged(problems, self.policy_of)
 
     def carried_memfds(self) -> list[tuple[str, int]]:
         """(unit, fd) of every stored memfd the next live update would carry (for the memory check)."""
@@ -506,18 +527,28 @@ class Broker:
         """A live update is decided: from now on units are preserved as they stop."""
         authz.require_root(caller, "Starting a live update")
         problems = self._preflight()
-        if problems and not force:
-            raise PreflightFailed(
-                "Pre-flight check failed: "
-                + "; ".join(f"{p.unit}: {p.message}" if p.unit else p.message for p in problems)
-            )
-        for p in problems:
-            log.warning("Live update forced despite: %s%s", f"{p.unit}: " if p.unit else "", p.message)
+        blocking = refusing(problems)
+        if blocking and not force:
+            raise PreflightFailed("Pre-flight check failed: " + "; ".join(p.line() for p in blocking))
+        for p in blocking:
+            log.warning("Live update forced despite: %s", p.line())
         # The kernel refuses to preserve a retrieved file before its session is finished.
         for state in self.units.values():
             if not state.finished:
                 self._finish_unit(state)
         self.armed = True
+        self.problems = refusing(self.problems) + [p for p in problems if p.left_out]
+        for unit in sorted(self.left_out):
+            journal.event(
+                journal.LEFT_OUT,
+                f"Leaving {unit} out of the live update: "
+                + "; ".join(p.message for p in problems if p.unit == unit)
+                + " (OnPreflightFailure=leave-out): it stops and starts as at a reboot, its fds are not carried",
+                unit=unit,
+                level=logging.WARNING,
+            )
+            if unit in self.units:
+                self._drop_out_session(self.units[unit])  # PreserveAt=store preserved it already
         self._write_manifest()
         self._changed()
         log.info("Live update armed: units are preserved as they stop")
@@ -529,10 +560,16 @@ class Broker:
         if not self.armed:
             raise WrongPhase("No live update is under way")
         self.armed = False
+        left_out, self.problems = self.left_out, refusing(self.problems)
         for state in self.units.values():
             policy = self.policy_of(state.unit)
             if policy is None or policy.preserve_at is not PreserveAt.STORE:
                 self._drop_out_session(state)
+            elif state.unit in left_out and state.stored:
+                try:
+                    self._preserve_unit(state, policy)  # PreserveAt=store: preserved again, as before the arm
+                except LuoError as e:
+                    log.warning("%s could not be preserved again: %s", state.unit, e, extra=journal.about(state.unit))
         self._write_manifest()
         self._changed()
         log.info("Live update cancelled")
@@ -609,10 +646,10 @@ class Broker:
                 journal.event(
                     journal.REFUSED, f"Refusing the manifest of the previous kernel: {e}", level=logging.CRITICAL
                 )
-                self.manifest_session = self._hold(luod)
+                self.manifest_session = self._hold(OwnedFd(luod))
                 self._changed()
                 return None
-            incoming = self._hold(luod)
+            incoming = self._hold(OwnedFd(luod))
             self.update_count = manifest.update_count
             for carried in manifest.units:
                 try:
@@ -648,16 +685,16 @@ class Broker:
         state = self._unit(carried.unit)
         state.finished, state.restored_at = False, self.clock()
         if carried.session:
-            state.in_session = self._hold(self._retrieve_session(dev, carried.session))
+            state.in_session = self._hold(OwnedFd(self._retrieve_session(dev, carried.session)))
         for fd in carried.fds:
             if fd.kind is FdKind.MEMFD:
                 assert state.in_session is not None
                 got = self.backend.retrieve_fd(state.in_session.fd, fd.token)
             else:
                 got = self._retrieve_session(dev, fd.session)
-            state.restored[fd.name] = Entry(fd.name, fd.kind, fd.order, self._hold(got), fd.session)
+            state.restored[fd.name] = Entry(fd.name, fd.kind, fd.order, self._hold(OwnedFd(got)), fd.session)
         for name, session in carried.client_sessions:
-            state.restored_client_sessions[name] = self._hold(self._retrieve_session(dev, session))
+            state.restored_client_sessions[name] = self._hold(OwnedFd(self._retrieve_session(dev, session)))
         write_env_file(self.env_file(carried.unit), self.update_count)
         journal.event(
             journal.RESTORED,
@@ -769,6 +806,19 @@ class Broker:
         except LuoError as e:
             self.problems.append(Problem("", f"the manifest could not be written after a restart: {e}"))
         self._changed()
+
+
+def judged(problems: list[Problem], policy_of: Callable[[str], Optional[Policy]]) -> list[Problem]:
+    """The pre-flight's problems, a unit's marked left out where its OnPreflightFailure= says so: one unit
+    does not veto the others' live update.  Problems of the whole system refuse, and so do those of units
+    with no [X-LiveUpdate] section (luod.service; a unit whose section was removed while luod holds its fds:
+    nobody said they may go, ``liveupdatectl discard`` does)."""
+
+    def leaves_out(unit: str) -> bool:
+        policy = policy_of(unit) if unit else None
+        return policy is not None and policy.on_preflight_failure is OnPreflightFailure.LEAVE_OUT
+
+    return [dataclasses.replace(p, left_out=leaves_out(p.unit)) for p in problems]
 
 
 def memfd_bytes(fd: int) -> int:

@@ -16,6 +16,7 @@ from typing import Optional
 from luo_systemd import syscalls
 from luo_systemd.errors import AccessDenied
 from luo_systemd.names import is_unit_name
+from luo_systemd.ownedfd import OwnedFd
 
 SO_PEERPIDFD = 77  # Linux 6.5; not in Python's socket module yet
 
@@ -102,12 +103,12 @@ def unit_of_pidfd(pidfd: int, root: str) -> Optional[str]:
     return unit_of_cgroup(path, root)
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, Optional[int]]:
+def peer_credentials(sock: socket.socket) -> tuple[int, int, Optional[OwnedFd]]:
     """(pid, uid, pidfd or None) of a connected Unix socket's peer: the pidfd pins the process that
     connected (Linux >= 6.5); without it the peer can only be trusted for its uid."""
     pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     try:
-        pidfd: Optional[int] = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+        pidfd = OwnedFd(struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0])
     except OSError:
-        pidfd = None
+        return pid, uid, None
     return pid, uid, pidfd

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 from luo_systemd import config, processes, varlink
+from luo_systemd.api import Problem, refusing
 from luo_systemd.errors import ExitCode, LuoError, PreflightFailed
 from luo_systemd.kexec import (
     KernelImage,
@@ -90,13 +91,13 @@ class Ctl:
         self.emit(rows, format_list)
         return 0
 
-    def problems(self) -> list[dict[str, str]]:
-        return list(self.call("Preflight")["problems"])
+    def problems(self) -> list[Problem]:
+        return problems_of(self.call("Preflight")["problems"])
 
     def preflight(self) -> int:
         problems = self.problems()
-        self.emit({"problems": problems}, lambda d: format_problems(d["problems"]) or "Pre-flight check passed.")
-        return ExitCode.PREFLIGHT if problems else 0
+        self.emit({"problems": rows(problems)}, lambda _: preflight_text(problems))
+        return ExitCode.PREFLIGHT if refusing(problems) else 0
 
     def image(self) -> Optional[KernelImage]:
         """The kernel to load: --kernel, else the running one, unless one is loaded and none was asked for."""
@@ -111,7 +112,7 @@ class Ctl:
         """The image's LUO format against the running kernel's, before it is loaded."""
         target = NextKernel.of(image)
         state = LoadedState(True, image.cmdline, target.formats(), target.unreadable)
-        mismatch = [{"unit": "", "message": m} for m in loaded_kernel_problems(state, self.loader().running_formats)]
+        mismatch = [Problem("", m) for m in loaded_kernel_problems(state, self.loader().running_formats)]
         if mismatch and not self.opts.force:
             raise PreflightFailed(
                 f"Pre-flight check failed, {image.kernel} was not loaded and nothing was stopped:\n"
@@ -119,14 +120,15 @@ class Ctl:
             )
         return target
 
-    def load_checked(self, image: Optional[KernelImage], what: str) -> list[dict[str, str]]:
+    def load_checked(self, image: Optional[KernelImage], what: str) -> list[Problem]:
         """Loads ``image`` (None: keep the loaded kernel) and runs the pre-flight; a kernel loaded here is
-        unloaded again when the pre-flight fails, so none that fails it is left for a reboot to kexec."""
+        unloaded again when the pre-flight fails, so none that fails it is left for a reboot to kexec.
+        Units left out of the live update do not fail it."""
         if image is not None:
             self.target = self.check_target(image)
             self.loader().load(image)
         problems = self.problems()
-        if problems and not self.opts.force:
+        if refusing(problems) and not self.opts.force:
             if image is not None:
                 self.loader().unload()
             raise PreflightFailed(f"Pre-flight check failed, {what}:\n" + format_problems(problems))
@@ -136,13 +138,16 @@ class Ctl:
         """Pre-flight, then load the target: afterwards a plain reboot from any tool is a checked live update."""
         image = self.image() or default_image(self.opts.append)
         problems = self.load_checked(image, f"{image.kernel} was unloaded again")
-        for p in problems:
-            print(f"Warning: loaded despite: {problem_line(p)}", file=sys.stderr)
+        warn(problems, "loaded despite")
         self.emit(
-            {**dataclasses.asdict(self.target or NextKernel.of(image)), "problems": problems},
+            {**dataclasses.asdict(self.target or NextKernel.of(image)), "problems": rows(problems)},
             lambda d: (
                 f"Loaded {d['kernel']} ({', '.join(d['identifiers'])}), command line: {d['cmdline']}\n"
-                + ("A reboot is now a live update." if not d["problems"] else "Pre-flight problems remain (forced).")
+                + (
+                    "A reboot is now a live update."
+                    if not refusing(problems)
+                    else "Pre-flight problems remain (forced)."
+                )
             ),
         )
         return 0
@@ -171,16 +176,14 @@ class Ctl:
         if self.opts.dry_run:
             problems = self.problems()
             self.emit(
-                {"plan": plan, "problems": problems},
+                {"plan": plan, "problems": rows(problems)},
                 lambda d: (
-                    "\n".join(f"{i}. {step}" for i, step in enumerate(d["plan"], 1))
-                    + ("\n" + format_problems(d["problems"]) if d["problems"] else "\nPre-flight check passed.")
+                    "\n".join(f"{i}. {step}" for i, step in enumerate(d["plan"], 1)) + "\n" + preflight_text(problems)
                 ),
             )
             return 0
         problems = self.load_checked(image, "nothing was stopped")
-        for p in problems:
-            print(f"Warning: forced despite: {problem_line(p)}", file=sys.stderr)
+        warn(problems, "forced despite")
         self.call("Arm", {"force": self.opts.force})
         try:
             processes.run(
@@ -190,7 +193,7 @@ class Ctl:
         except processes.ChildFailed as e:
             self.call("Cancel")
             raise LuoError(f"Failed to start liveupdate.target ({e}); the live update was cancelled") from None
-        self.emit({"started": True, "problems": problems}, lambda _: "Live update started.")
+        self.emit({"started": True, "problems": rows(problems)}, lambda _: "Live update started.")
         return 0
 
     def cancel(self) -> int:
@@ -210,12 +213,30 @@ class Ctl:
         return 0
 
 
-def problem_line(p: dict[str, str]) -> str:
-    return f"{p['unit']}: {p['message']}" if p["unit"] else p["message"]
+def problems_of(wire: list[dict[str, Any]]) -> list[Problem]:
+    return [Problem(str(p["unit"]), str(p["message"]), bool(p.get("left_out", False))) for p in wire]
 
 
-def format_problems(problems: list[dict[str, str]]) -> str:
-    return "\n".join(f"  - {problem_line(p)}" for p in problems)
+def rows(problems: list[Problem]) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(p) for p in problems]
+
+
+def warn(problems: list[Problem], forced: str) -> None:
+    """Each problem on stderr: those of units left out as they are, the others as forced."""
+    for p in problems:
+        print(f"Warning: {p.line()}" if p.left_out else f"Warning: {forced}: {p.line()}", file=sys.stderr)
+
+
+def format_problems(problems: list[Problem]) -> str:
+    return "\n".join(f"  - {p.line()}" for p in problems)
+
+
+def preflight_text(problems: list[Problem]) -> str:
+    if not problems:
+        return "Pre-flight check passed."
+    if refusing(problems):
+        return format_problems(problems)
+    return format_problems(problems) + "\nPre-flight check passed; the units above are left out of the live update."
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -230,7 +251,7 @@ def format_status(s: dict[str, Any]) -> str:
         state = "restored, not finished" if not u["finished"] else f"{u['preserved']}/{u['stored']} preserved"
         lines.append(f"          {u['unit']}: {u['stored']} stored, {u['restored']} restored, {state}")
     if s["problems"]:
-        lines.append("Problems:\n" + format_problems(s["problems"]))
+        lines.append("Problems:\n" + format_problems(problems_of(s["problems"])))
     return "\n".join(lines)
 
 

@@ -2,8 +2,10 @@
 
 Method bodies are thin: find the caller, call the broker, map errors.  The known dbus-next defects are
 worked around here, each with a test in tests/test_dbus.py:
-- fds of calls that never reach a method (unknown method, wrong signature, built-in handlers) are leaked
-  by dbus-next: ``close_unclaimed_fds`` closes them after dispatch; methods close their own in ``finally``;
+- dbus-next never closes the fds a message brings: ``install_fd_guard`` owns them from its arrival
+  (``OwnedFds``); a call of one of our methods takes them over and closes what the broker did not keep,
+  however it ends; the fds of every other call (unknown method, wrong signature, built-in handlers) are
+  closed once dispatch is over;
 - closing a returned fd before the reply is written kills the connection: returned fds are closed when
   the send completes (``AgentBus.send``);
 - a full socket buffer (EAGAIN) tears the connection down: ``PatientWriter`` waits for writability;
@@ -32,6 +34,7 @@ from dbus_next.service import ServiceInterface, dbus_property, method, signal
 from luo_systemd import authz, errors
 from luo_systemd.api import AGENT, Caller, Problem
 from luo_systemd.broker import Broker, when_free
+from luo_systemd.ownedfd import OwnedFd, OwnedFds
 from luo_systemd.varlink import close_all
 
 log = logging.getLogger("luod")
@@ -39,12 +42,13 @@ log = logging.getLogger("luod")
 BUS_NAME = "io.liveupdate.Agent1"
 OBJECT_PATH = "/io/liveupdate/Agent1"
 INTERFACE = "io.liveupdate.Agent1"
-REVISION = 1  # bumped on additive changes; the "1" in the name is the major version
+REVISION = 2  # bumped on changes (2: problems carry left_out); the "1" in the name is the major version
 CURRENT_SENDER: contextvars.ContextVar[str] = contextvars.ContextVar("sender")
+RECEIVED: contextvars.ContextVar[OwnedFds] = contextvars.ContextVar("received")  # the current call's fds
 MAX_FDS_PER_MESSAGE = 16  # the bus daemon's limit as dbus-next handles it: more silently become None
 MAX_KNOWN_PEERS = 1024  # credentials kept per bus connection, dropped when the peer goes (NameOwnerChanged)
 NO_PROCESS_FD = (
-    "the bus gives no pidfd for this peer (ProcessFD: dbus-broker gives it, dbus-daemon 1.14 does not); "
+    "the bus gives no pidfd for this peer (ProcessFD: dbus-daemon >= 1.15.8 and dbus-broker >= 34 give it); "
     "only root is served over D-Bus here: use the Varlink socket"
 )
 
@@ -97,6 +101,14 @@ class AgentBus(MessageBus):
         the event loop (its SendReply.__exit__ drops _exit's result), which logs a traceback each time."""
 
         def handler(msg: Message, send_reply: Any) -> None:
+            args = ServiceInterface._msg_body_to_args(msg)  # should this raise, install_fd_guard closes the fds
+            received = RECEIVED.get().take_all()  # this call owns the message's fds from here
+
+            async def call() -> Any:
+                with received:  # closes what the broker did not take, whatever happens
+                    RECEIVED.set(received)  # in this task's own context
+                    return await method.fn(interface, *args)
+
             def done(fut: "asyncio.Future[Any]") -> None:
                 try:
                     result = fut.result()
@@ -106,7 +118,7 @@ class AgentBus(MessageBus):
                 body, fds = ServiceInterface._fn_result_to_body(result, method.out_signature_tree)
                 send_reply(Message.new_method_return(msg, method.out_signature, body, fds))
 
-            task = asyncio.ensure_future(method.fn(interface, *ServiceInterface._msg_body_to_args(msg)))
+            task = asyncio.ensure_future(call())
             task.add_done_callback(done)
 
         return handler
@@ -119,16 +131,39 @@ class AgentBus(MessageBus):
         return future
 
 
-def _problems(problems: "list[Problem] | tuple[Problem, ...]") -> list[list[str]]:
-    return [[p.unit, p.message] for p in problems]
+def driver_call(member: str, signature: str, body: list[Any]) -> Message:
+    """A call of the bus itself (org.freedesktop.DBus)."""
+    return Message(
+        destination="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus",
+        member=member,
+        signature=signature,
+        body=body,
+    )
+
+
+def _owned(items: list[Any]) -> list[tuple[str, OwnedFd]]:
+    """StoreFds' (name, fd) pairs, each fd the call's own ``OwnedFd`` (dbus-next put in the numbers)."""
+    by_number = {fd.fileno(): fd for fd in RECEIVED.get() if not fd.closed}
+    out = []
+    for name, number in items:
+        fd = by_number.pop(number, None)
+        if fd is None:
+            raise errors.InvalidRequest("one fd is named twice in the call")
+        out.append((str(name), fd))
+    return out
+
+
+def _problems(problems: "list[Problem] | tuple[Problem, ...]") -> list[list[object]]:
+    return [[p.unit, p.message, p.left_out] for p in problems]
 
 
 def dbus_method(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """Resolves the caller, runs the body, closes received fds, maps every error to a named D-Bus error."""
+    """Resolves the caller, runs the body, maps every error to a named D-Bus error."""
 
     @functools.wraps(fn)
     async def wrapper(self: "Agent1", *args: Any) -> Any:
-        received = [fd for fd in _fds_in(args)]
         try:
             caller = await self.caller()
             if fn.__name__ == "Preserve" and self.before_preserve is not None:
@@ -142,8 +177,6 @@ def dbus_method(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         except Exception as e:
             log.exception("Internal error in %s", fn.__name__)
             raise DBusError(errors.LuoError().dbus_name, f"internal error: {type(e).__name__}") from None
-        finally:
-            close_all(received)
 
     # dbus-next reads the D-Bus signature from the annotations: show it the method without ``caller``.
     signature = inspect.signature(fn)
@@ -151,15 +184,6 @@ def dbus_method(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         parameters=[p for name, p in signature.parameters.items() if name != "caller"]
     )
     return wrapper
-
-
-def _fds_in(args: Any) -> list[int]:
-    """The fds dbus-next put in place of 'h' values (only StoreFds takes fds: a(sh))."""
-    out: list[int] = []
-    for arg in args:
-        if isinstance(arg, list):
-            out += [item[1] for item in arg if isinstance(item, list) and len(item) == 2 and isinstance(item[1], int)]
-    return out
 
 
 class Agent1(ServiceInterface):
@@ -175,7 +199,7 @@ class Agent1(ServiceInterface):
         self.broker = broker
         self.cgroup_root = cgroup_root
         self.before_preserve = before_preserve  # lets a kexec that systemd started arm the agent first
-        self._peers: dict[str, tuple[int, int, Optional[int]]] = {}  # sender: (uid, pid, pidfd owned here)
+        self._peers: dict[str, tuple[int, int, Optional[OwnedFd]]] = {}  # sender: (uid, pid, pidfd)
         self._last_phase = broker.phase
         broker.listeners.append(self._broker_changed)
 
@@ -185,23 +209,13 @@ class Agent1(ServiceInterface):
         sender = CURRENT_SENDER.get()
         peer = self._peers.get(sender)
         if peer is None:
-            reply = await self.bus.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="GetConnectionCredentials",
-                    signature="s",
-                    body=[sender],
-                )
-            )
+            reply = await self.bus.call(driver_call("GetConnectionCredentials", "s", [sender]))
             if reply is None or reply.message_type is MessageType.ERROR:
                 raise errors.AccessDenied(f"cannot get the credentials of {sender}")
-            body = reply.body[0]
-            fds = list(reply.unix_fds)
-            pidfd = fds.pop(body["ProcessFD"].value) if "ProcessFD" in body else None
-            close_all(fds)
-            peer = (int(body["UnixUserID"].value), int(body["ProcessID"].value), pidfd)
+            with OwnedFds.wrap(list(reply.unix_fds)) as fds:
+                body = reply.body[0]
+                uid, pid = int(body["UnixUserID"].value), int(body["ProcessID"].value)
+                peer = (uid, pid, fds.pop(body["ProcessFD"].value) if "ProcessFD" in body else None)
             while len(self._peers) >= MAX_KNOWN_PEERS:
                 self.forget(next(iter(self._peers)))
             self._peers[sender] = peer
@@ -211,7 +225,7 @@ class Agent1(ServiceInterface):
     def forget(self, name: str) -> None:
         peer = self._peers.pop(name, None)
         if peer is not None and peer[2] is not None:
-            close_all([peer[2]])
+            peer[2].close()
 
     def _broker_changed(self) -> None:
         phase = self.broker.phase
@@ -235,7 +249,7 @@ class Agent1(ServiceInterface):
             raise errors.LimitExceeded(f"at most {MAX_FDS_PER_MESSAGE} fds per call; send several calls")
         if any(fd is None for _, fd in fds):
             raise errors.InvalidFd("no fd arrived: connect with unix fd negotiation (negotiate_unix_fd=True)")
-        self.broker.store(caller, unit, [(name, fd) for name, fd in fds])
+        self.broker.store(caller, unit, _owned(fds))
 
     @method()
     @dbus_method
@@ -284,12 +298,12 @@ class Agent1(ServiceInterface):
 
     @method()
     @dbus_method
-    def Preflight(self, caller: Caller) -> "a(ss)":
+    def Preflight(self, caller: Caller) -> "a(ssb)":
         return _problems(self.broker.preflight(caller))
 
     @method()
     @dbus_method
-    def Arm(self, caller: Caller, force: "b") -> "a(ss)":
+    def Arm(self, caller: Caller, force: "b") -> "a(ssb)":
         return _problems(self.broker.arm(caller, force))
 
     @method()
@@ -321,7 +335,7 @@ class Agent1(ServiceInterface):
         return self.broker.update_count
 
     @dbus_property(access=PropertyAccess.READ)
-    def Problems(self) -> "a(ss)":
+    def Problems(self) -> "a(ssb)":
         return _problems(self.broker.problems)
 
     @dbus_property(access=PropertyAccess.READ)
@@ -334,9 +348,8 @@ class Agent1(ServiceInterface):
 
 
 def install_fd_guard(bus: MessageBus, agent: Agent1) -> None:
-    """Closes the fds of every call that does not reach one of our methods, once dispatch is over, and
-    remembers each call's sender for ``Agent1.caller``."""
-    ours = {m.name: m.in_signature for m in ServiceInterface._get_methods(agent)}
+    """Owns the fds of every call from its arrival: one of our methods takes them over (``AgentBus``), the
+    rest are closed once dispatch is over.  Remembers each call's sender for ``Agent1.caller``."""
     loop = asyncio.get_event_loop()
 
     def handler(msg: Message) -> None:
@@ -344,15 +357,13 @@ def install_fd_guard(bus: MessageBus, agent: Agent1) -> None:
             agent.forget(msg.body[0])
         if msg.message_type is not MessageType.METHOD_CALL:
             return
-        CURRENT_SENDER.set(msg.sender)  # the method's task is created next, copying this context
-        reaches_us = msg.interface == INTERFACE and ours.get(msg.member) == msg.signature and msg.path == OBJECT_PATH
-        if msg.unix_fds:
-            # The method closes the fds its 'h' arguments name (only StoreFds has any); the rest, here.
-            named = (
-                {i for _, i in msg.body[1] if isinstance(i, int)} if reaches_us and msg.member == "StoreFds" else set()
-            )
-            unnamed = [fd for i, fd in enumerate(msg.unix_fds) if i not in named]
-            loop.call_soon(close_all, unnamed)
+        # dbus-next dispatches the message right after this, in this context: a method of ours takes the fds
+        # over there (and copies the sender into its task); the fds of anything else are closed after.
+        CURRENT_SENDER.set(msg.sender)
+        received = OwnedFds.wrap(list(msg.unix_fds))
+        RECEIVED.set(received)
+        if received:
+            loop.call_soon(received.close)
 
     bus.add_message_handler(handler)
 
@@ -360,14 +371,7 @@ def install_fd_guard(bus: MessageBus, agent: Agent1) -> None:
 async def watch_peers(bus: MessageBus) -> None:
     """Asks the bus for NameOwnerChanged, so a peer's cached credentials go when the peer goes."""
     reply = await bus.call(
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member="AddMatch",
-            signature="s",
-            body=["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"],
-        )
+        driver_call("AddMatch", "s", ["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"])
     )
     if reply is None or reply.message_type is MessageType.ERROR:
         raise errors.LuoError("the bus refused to report departing peers (AddMatch NameOwnerChanged)")

@@ -51,7 +51,9 @@ def push_to_fd_store(fds: Sequence[tuple[str, int]]) -> None:
 def stop(unit: str) -> str:
     with client(TIMEOUTS["stop"]) as luod:
         preserved = luod.call("Preserve", {"unit": unit})[0]["preserved"]
-    return f"preserved {preserved} fd(s) of {unit}" if preserved else f"no live update under way for {unit}"
+    if preserved:
+        return f"preserved {preserved} fd(s) of {unit}"
+    return f"nothing preserved for {unit}: no live update under way, or the unit is left out of it"
 
 
 def start(unit: str) -> str:

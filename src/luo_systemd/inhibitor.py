@@ -19,7 +19,7 @@ import os
 from collections.abc import Awaitable, Sequence
 from typing import Callable, Optional
 
-from luo_systemd.api import Problem
+from luo_systemd.api import Problem, refusing
 from luo_systemd.broker import Broker
 from luo_systemd.errors import LuoError
 from luo_systemd.kexec import Loader
@@ -32,9 +32,10 @@ RECHECK_SEC = 15.0
 def block_reason(armed: bool, loaded: bool, problems: Sequence[Problem]) -> Optional[str]:
     """The inhibitor's reason, or None when nothing should be blocked (no kernel loaded, an update under way,
     or a pre-flight that passes)."""
-    if armed or not loaded or not problems:
+    blocking = refusing(problems)
+    if armed or not loaded or not blocking:
         return None
-    reasons = "; ".join(f"{p.unit}: {p.message}" if p.unit else p.message for p in problems)
+    reasons = "; ".join(p.line() for p in blocking)
     return f"the loaded kernel fails the live-update pre-flight: {reasons} (liveupdatectl preflight)"
 
 

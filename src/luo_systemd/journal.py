@@ -21,6 +21,7 @@ FINISHED = "aa7cab18ec4e467895c192864fafb00f"
 REFUSED = "9981f867e3174cf3812e188bc18b60eb"
 LOST = "002db493dac24aef812b7d304a936c9a"
 MANIFEST = "527c2e4193164827afaffdf652f1cc4e"
+LEFT_OUT = "4934e7b8cc524d299bd321c22bfe5321"
 
 _LEVELS = {"emerg": 50, "alert": 50, "crit": 50, "err": 40, "warning": 30, "notice": 25, "info": 20, "debug": 10}
 _PRIORITY = {50: 2, 40: 3, 30: 4, 25: 5, 20: 6, 10: 7}

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 
 from luo_systemd import journal, processes
-from luo_systemd.api import AGENT
+from luo_systemd.api import AGENT, refusing
 from luo_systemd.broker import Broker
 from luo_systemd.errors import LuoError
 from luo_systemd.kexec import Loader
@@ -61,13 +61,13 @@ class KexecWatcher:
         keeps a kernel of another LUO format from panicking on what this one hands over)."""
         if self.broker.armed or self.refused or not await self.kexec_pending():
             return
-        problems = self.broker.preflight()
+        problems = refusing(self.broker.preflight())
         if not problems:
             log.info("A kexec was started without liveupdatectl; the pre-flight passed: preserving units as they stop")
             self.broker.arm(AGENT)
             return
         self.refused = True
-        reasons = "; ".join(f"{p.unit}: {p.message}" if p.unit else p.message for p in problems)
+        reasons = "; ".join(p.line() for p in problems)
         try:
             self.loader.unload()
             outcome = "unloaded the kernel: the machine reboots instead, nothing is carried"

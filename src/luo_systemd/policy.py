@@ -39,6 +39,13 @@ class NoReturn(str, enum.Enum):
     DISCARD = "discard"  # free them
 
 
+class OnPreflightFailure(str, enum.Enum):
+    # The default: one unit's problem does not hold back the others' live update (a kernel fix for the whole
+    # machine); the unit stops and starts as for an ordinary reboot, which every service must survive.
+    LEAVE_OUT = "leave-out"  # the unit is reported and not carried; the others go ahead
+    REFUSE = "refuse"  # the whole live update is refused (a VM: a cold restart would crash its guest)
+
+
 class Policy(NamedTuple):  # a NamedTuple, not a dataclass: importing dataclasses costs the generator ~20 ms
     fd_names: tuple[str, ...] = ()  # the fd names to carry; empty: all
     preserve_at: PreserveAt = PreserveAt.STOP
@@ -48,6 +55,7 @@ class Policy(NamedTuple):  # a NamedTuple, not a dataclass: importing dataclasse
     on_no_return: NoReturn = NoReturn.KEEP
     return_timeout_sec: int = DEFAULT_RETURN_TIMEOUT_SEC
     bytes_max: int = DEFAULT_BYTES_MAX  # memfd bytes (holes count) the unit may have preserved
+    on_preflight_failure: OnPreflightFailure = OnPreflightFailure.LEAVE_OUT
 
     def carries(self, fd_name: str) -> bool:
         return not self.fd_names or fd_name in self.fd_names
@@ -70,6 +78,8 @@ class Policy(NamedTuple):  # a NamedTuple, not a dataclass: importing dataclasse
         ]
         if self.bytes_max != DEFAULT_BYTES_MAX:
             lines.append(f"BytesMax={self.bytes_max}")
+        if self.on_preflight_failure is not OnPreflightFailure.LEAVE_OUT:
+            lines.append(f"OnPreflightFailure={self.on_preflight_failure.value}")
         return "\n".join(lines) + "\n"
 
 
@@ -150,6 +160,8 @@ def parse_policy(texts: Iterable[str]) -> Policy | None:
                 fields["finish"] = _enum(FinishMode, key, value)
             elif key == "OnNoReturn":
                 fields["on_no_return"] = _enum(NoReturn, key, value)
+            elif key == "OnPreflightFailure":
+                fields["on_preflight_failure"] = _enum(OnPreflightFailure, key, value)
             elif key == "FileDescriptorMax":
                 if not value.isdigit() or not 1 <= int(value) <= FD_MAX_LIMIT:
                     raise InvalidRequest(f"FileDescriptorMax={value!r}: expected 1..{FD_MAX_LIMIT}")

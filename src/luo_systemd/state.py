@@ -29,6 +29,7 @@ from luo_systemd.api import Problem
 from luo_systemd.errors import BadManifest, InvalidName
 from luo_systemd.manifest import MAX_SIZE, FdKind
 from luo_systemd.names import check_client_session_name, check_fd_name, check_unit_name
+from luo_systemd.ownedfd import OwnedFd
 
 STATE_VERSION = 1
 STATE_KEY_PREFIX = "luod-state-"
@@ -59,6 +60,11 @@ class Held:
 
     fd: int
     key: str
+
+    @classmethod
+    def take(cls, fd: OwnedFd, key: str) -> Held:
+        """Takes ``fd`` over from whoever received it: from here on the broker closes it."""
+        return cls(fd.detach(), key)
 
 
 @dataclasses.dataclass
@@ -214,7 +220,8 @@ def decode(data: bytes, fds: dict[str, int]) -> Recovered:
             update_count=_typed(doc["update_count"], int),
             manifest_session=held(doc["manifest_session"]),
             problems=[
-                Problem(_typed(p["unit"], str), _typed(p["message"], str)) for p in _typed(doc["problems"], list)
+                Problem(_typed(p["unit"], str), _typed(p["message"], str), _typed(p.get("left_out", False), bool))
+                for p in _typed(doc["problems"], list)
             ],
             units=units,
             preserved_units=preserved,

@@ -17,6 +17,7 @@ import os
 import sys
 
 from luo_systemd import errors
+from luo_systemd.ownedfd import OwnedFds
 
 TYPE_CHECKING = False  # typing costs ~8 ms: too much for luo-hook at every unit start
 if TYPE_CHECKING:
@@ -104,11 +105,12 @@ def _depth(doc: Any, limit: int) -> int:
 
 
 class Reader:
-    """Splits a stream into NUL-terminated messages and collects the fds that came with them."""
+    """Splits a stream into NUL-terminated messages and collects the fds that came with them, owned from
+    the moment they arrive (``OwnedFds``)."""
 
     def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         self.buffer = bytearray()
-        self.fds: list[int] = []
+        self.fds = OwnedFds()
         self.max_message = max_message
 
     def feed(self, sock: socket.socket) -> bool:
@@ -118,7 +120,9 @@ class Reader:
         for level, kind, cdata in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 whole = len(cdata) - len(cdata) % 4
-                self.fds += [int.from_bytes(cdata[i : i + 4], sys.byteorder, signed=True) for i in range(0, whole, 4)]
+                self.fds += OwnedFds.wrap(
+                    [int.from_bytes(cdata[i : i + 4], sys.byteorder, signed=True) for i in range(0, whole, 4)]
+                )
         if flags & socket.MSG_CTRUNC or len(self.fds) > MAX_FDS:
             raise OSError(errno.EMSGSIZE, f"more than {MAX_FDS} fds in one message")
         if not data:
@@ -128,26 +132,24 @@ class Reader:
             raise OSError(errno.EMSGSIZE, f"message larger than {self.max_message} bytes")
         return True
 
-    def next_message(self) -> Optional[tuple[dict[str, Any], list[int]]]:
+    def next_message(self) -> Optional[tuple[dict[str, Any], OwnedFds]]:
+        """The next whole message and its fds (the caller owns them), or None."""
         end = self.buffer.find(b"\0")
         if end < 0:
             return None
         raw = bytes(self.buffer[:end])
         del self.buffer[: end + 1]
-        fds, self.fds = self.fds, []
-        try:
-            doc = loads(raw)
-        except (ValueError, RecursionError):
-            close_all(fds)
-            raise OSError(errno.EBADMSG, "message is not JSON") from None
-        if not isinstance(doc, dict) or _depth(doc, MAX_DEPTH) > MAX_DEPTH:
-            close_all(fds)
-            raise OSError(errno.EBADMSG, f"message is not a JSON object nested at most {MAX_DEPTH} deep")
-        return doc, fds
+        with self.fds.take_all() as fds:  # closed if the message is refused
+            try:
+                doc = loads(raw)
+            except (ValueError, RecursionError):
+                raise OSError(errno.EBADMSG, "message is not JSON") from None
+            if not isinstance(doc, dict) or _depth(doc, MAX_DEPTH) > MAX_DEPTH:
+                raise OSError(errno.EBADMSG, f"message is not a JSON object nested at most {MAX_DEPTH} deep")
+            return doc, fds.take_all()
 
     def close(self) -> None:
-        close_all(self.fds)
-        self.fds = []
+        self.fds.close()
 
 
 def close_all(fds: list[int]) -> None:
@@ -210,7 +212,7 @@ class Client:
         fds: Sequence[int] = (),
     ) -> tuple[dict[str, Any], list[int]]:
         """Calls ``method`` (without the interface prefix); returns the reply's parameters and its fds
-        (owned by the caller).  Errors are raised as LuoError subclasses."""
+        (the caller owns them and closes them).  Errors are raised as LuoError subclasses."""
         doc: dict[str, Any] = {"method": f"{INTERFACE}.{method}"}
         if parameters:
             doc["parameters"] = parameters
@@ -224,7 +226,7 @@ class Client:
         except OSError as e:
             raise errors.AgentUnavailable(f"talking to luod failed: {e.strerror or e}") from None
         reply, reply_fds = msg
-        if "error" in reply:
-            close_all(reply_fds)
-            raise_error(reply)
-        return dict(reply.get("parameters") or {}), reply_fds
+        with reply_fds:
+            if "error" in reply:
+                raise_error(reply)
+            return dict(reply.get("parameters") or {}), [fd.detach() for fd in reply_fds]

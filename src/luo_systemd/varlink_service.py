@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Sequence
 from typing import Any, Callable, ClassVar, Optional
@@ -19,6 +18,7 @@ from typing import Any, Callable, ClassVar, Optional
 from luo_systemd import authz, cgroups, errors, varlink
 from luo_systemd.api import Caller, Problem
 from luo_systemd.broker import Broker, when_free
+from luo_systemd.ownedfd import OwnedFd, OwnedFds
 
 log = logging.getLogger("luod")
 
@@ -35,7 +35,8 @@ interface io.liveupdate.Agent
 
 type FdInfo (name: string, kind: string, state: string, order: int, session: string)
 type UnitStatus (unit: string, stored: int, preserved: int, restored: int, sessions: int, finished: bool)
-type Problem (unit: string, message: string)
+# left_out: the unit is left out of the live update (its OnPreflightFailure=leave-out); it does not refuse Arm.
+type Problem (unit: string, message: string, left_out: bool)
 
 # Stores the attached fds under the given names (one name per fd, in order); a stored name is replaced.
 method Store(unit: ?string, names: []string) -> ()
@@ -54,7 +55,7 @@ method RetrieveSession(unit: ?string, name: string) -> ()
 method Status() -> (phase: string, supported: bool, backend: string, live_update_count: int,
                     units: []UnitStatus, problems: []Problem)
 method Preflight() -> (problems: []Problem)
-# Root only: decide a live update (the pre-flight must pass unless force).
+# Root only: decide a live update (no problem may refuse it, unless force; units left out are not carried).
 method Arm(force: ?bool) -> (problems: []Problem)
 method Cancel() -> ()
 method Discard(unit: string) -> ()
@@ -161,7 +162,7 @@ class VarlinkService:
         if len(self.connections) >= MAX_CONNECTIONS or self.per_uid.get(uid, 0) >= MAX_CONNECTIONS_PER_UID:
             log.warning("Varlink: refusing a connection of PID %d (uid %d): too many connections", pid, uid)
             if pidfd is not None:
-                os.close(pidfd)
+                pidfd.close()
             conn.close()
             return
         self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
@@ -176,7 +177,7 @@ class VarlinkService:
 
         task.add_done_callback(done)
 
-    async def _connection(self, conn: socket.socket, pid: int, uid: int, pidfd: Optional[int]) -> None:
+    async def _connection(self, conn: socket.socket, pid: int, uid: int, pidfd: Optional[OwnedFd]) -> None:
         loop = asyncio.get_running_loop()
         reader = varlink.Reader()
         readable = asyncio.Event()
@@ -195,7 +196,8 @@ class VarlinkService:
                         continue
                     continue
                 doc, fds = msg
-                reply, reply_fds = await self._call(doc, fds, pid, uid, pidfd)
+                with fds:  # what the broker did not take is closed here, whatever happened
+                    reply, reply_fds = await self._call(doc, fds, pid, uid, pidfd)
                 try:
                     if not doc.get("oneway"):
                         await send_reply(conn, reply, reply_fds)
@@ -208,12 +210,12 @@ class VarlinkService:
             reader.close()
             conn.close()
             if pidfd is not None:
-                os.close(pidfd)
+                pidfd.close()
 
     async def _call(
-        self, doc: dict[str, Any], fds: list[int], pid: int, uid: int, pidfd: Optional[int]
+        self, doc: dict[str, Any], fds: OwnedFds, pid: int, uid: int, pidfd: Optional[OwnedFd]
     ) -> tuple[dict[str, Any], list[int]]:
-        """Runs one call; the received fds are always closed (the broker keeps dups of what it stores)."""
+        """Runs one call; the broker takes over the received fds it stores, the caller closes the rest."""
         method = doc.get("method")
         params = doc.get("parameters")
         try:
@@ -246,8 +248,6 @@ class VarlinkService:
         except Exception as e:  # a bug: log it whole, answer without a traceback
             log.exception("Internal error in %s", method)
             return varlink.error_reply(errors.LuoError(f"internal error in {method}: {type(e).__name__}")), []
-        finally:
-            varlink.close_all(fds)
 
     def _service_call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method == "org.varlink.service.GetInfo":
@@ -260,54 +260,54 @@ class VarlinkService:
 
     # -- methods: (caller, parameters, fds) -> (reply parameters, reply fds)
 
-    def store(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def store(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         names = _names(p)
         if len(names) != len(fds):
             raise errors.InvalidRequest(f"{len(names)} name(s) but {len(fds)} fd(s) attached")
         self.broker.store(caller, _unit(p), list(zip(names, fds)))
         return {}, []
 
-    def remove(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def remove(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         self.broker.remove(caller, _unit(p), _names(p))
         return {}, []
 
-    def list_fds(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def list_fds(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         return {"fds": [dataclasses.asdict(f) for f in self.broker.list_fds(caller, _unit(p))]}, []
 
-    def retrieve(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def retrieve(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         got = self.broker.retrieve(caller, _unit(p), _names(p), varlink.MAX_FDS)
         return {"names": [n for n, _ in got]}, [fd for _, fd in got]
 
-    def finish(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def finish(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         return {"finished": self.broker.finish(caller, _unit(p))}, []
 
-    def preserve(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def preserve(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         return {"preserved": self.broker.preserve(caller, _unit(p))}, []
 
-    def create_session(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def create_session(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         return {}, [self.broker.create_session(caller, _unit(p), _string(p, "name"))]
 
-    def retrieve_session(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def retrieve_session(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         return {}, [self.broker.retrieve_session(caller, _unit(p), _string(p, "name"))]
 
-    def status(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def status(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         return dataclasses.asdict(self.broker.status(caller)), []
 
-    def preflight(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def preflight(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         return _problems(self.broker.preflight(caller)), []
 
-    def arm(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def arm(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         return _problems(self.broker.arm(caller, force=_bool(p, "force"))), []
 
-    def cancel(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def cancel(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         self.broker.cancel(caller)
         return {}, []
 
-    def discard(self, caller: Caller, p: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def discard(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         self.broker.discard(caller, _string(p, "unit"))
         return {}, []
 
-    Method = Callable[["VarlinkService", Caller, dict[str, Any], list[int]], tuple[dict[str, Any], list[int]]]
+    Method = Callable[["VarlinkService", Caller, dict[str, Any], OwnedFds], tuple[dict[str, Any], list[int]]]
     methods: ClassVar[dict[str, Method]] = {
         "Store": store,
         "Remove": remove,
