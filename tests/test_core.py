@@ -11,7 +11,7 @@ from luo_systemd.api import Problem, refusing
 from luo_systemd.broker import judged
 from luo_systemd.errors import BadManifest, InvalidName, InvalidRequest
 from luo_systemd.manifest import CarriedFd, CarriedUnit, FdKind, Manifest
-from luo_systemd.policy import FinishMode, NoReturn, OnPreflightFailure, PreserveAt, parse_policy
+from luo_systemd.policy import FinishMode, NoReturn, OnPreflightFailure, PreserveAt, RestoreMode, parse_policy
 
 
 @pytest.mark.parametrize("name", ["a", "cache", "x" * 255, "with space", "~!@#$%^&*()"])
@@ -43,10 +43,10 @@ def test_policy_defaults_and_overrides() -> None:
         [
             "[X-LiveUpdate]\nFileDescriptorNames=a b\nOnNoReturn=discard\n",
             "# a drop-in\n[X-LiveUpdate]\nFileDescriptorNames=c\nReturnTimeoutSec=2min\n",
-            "[X-LiveUpdate]\nFinish=explicit\n",
+            "[X-LiveUpdate]\nFinish=explicit\nRestore=explicit\n",
         ]
     )
-    assert policy is not None
+    assert policy is not None and default.restore is RestoreMode.AUTO and policy.restore is RestoreMode.EXPLICIT
     assert policy.fd_names == ("a", "b", "c") and policy.on_no_return is NoReturn.DISCARD
     assert policy.return_timeout_sec == 120 and policy.finish is FinishMode.EXPLICIT
     reset = parse_policy(["[X-LiveUpdate]\nFileDescriptorNames=a\n", "[X-LiveUpdate]\nFileDescriptorNames=\n"])
@@ -85,6 +85,7 @@ def test_a_units_problem_refuses_only_if_its_policy_says_so() -> None:
     ("line", "message"),
     [
         ("PreserveAt=later", "expected stop|store"),
+        ("Restore=hook", "expected auto|explicit"),
         ("FileDescriptorMax=0", "expected 1..4096"),
         ("ReturnTimeoutSec=soon", "is not a time"),
         ("Unknown=1", "unknown key Unknown="),

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from luo_systemd import agent, vm
-from luo_systemd.errors import InvalidRequest, VmmFailed
+from luo_systemd import agent, vm, vmconfig
+from luo_systemd.errors import AgentUnavailable, InvalidRequest, VmmFailed
 from luo_systemd.kexec_watch import kexec_job_listed
 from tests.nspawn import harness
 from tests.nspawn.vm_update import UNIT, VmBed, VmOutcome, report
@@ -27,7 +27,7 @@ GOOD: dict[str, Any] = {"machine": "pc-q35-10.0", "memory_mib": 128, "args": ["-
 
 
 def test_config_is_checked_key_by_key() -> None:
-    cfg = vm.parse_config("web", GOOD)
+    cfg = vmconfig.parse_config("web", GOOD)
     assert (cfg.machine, cfg.memory_bytes, cfg.args) == ("pc-q35-10.0", 128 << 20, ("-accel", "tcg", "-nodefaults"))
     bad = [
         ({**GOOD, "machine": "q35"}, "versioned machine type"),
@@ -38,51 +38,59 @@ def test_config_is_checked_key_by_key() -> None:
         ({**GOOD, "args": ["-device", "loader,file=x"]}, "-device loader"),
         ({**GOOD, "qemu": "qemu-system-x86_64"}, "absolute path"),
         ({**GOOD, "ram": 1}, "unknown setting 'ram'"),
+        ({**GOOD, "args": ["-name", "a\0b"]}, "without NUL"),
     ]
     for doc, message in bad:
         with pytest.raises(InvalidRequest, match=message):
-            vm.parse_config("web", doc)
+            vmconfig.parse_config("web", doc)
 
 
 def test_config_file_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "web.toml").write_text('machine = "pc-q35-10.0"\nmemory_mib = [\n')
     with pytest.raises(InvalidRequest, match=r"web\.toml"):
-        vm.load_config("web", str(tmp_path))
+        vmconfig.load_config("web", str(tmp_path))
     with pytest.raises(InvalidRequest, match=r"nothing\.toml"):
-        vm.load_config("nothing", str(tmp_path))
+        vmconfig.load_config("nothing", str(tmp_path))
 
 
 def test_qemu_argv_keeps_ram_in_a_shared_file_and_adds_incoming_only_to_resume() -> None:
-    cfg = vm.parse_config("web", GOOD)
-    cold = vm.qemu_argv(cfg, 7, 8, None, "/run/luo-qemu/web/qmp.sock")
+    launch = vm.Launch.of(vmconfig.parse_config("web", GOOD))
+    cold = vm.qemu_argv(launch, 7, 8, None, 6)
     assert "memory-backend-file,id=ram0,size=128M,mem-path=/proc/self/fd/7,share=on" in cold
     assert "pc-q35-10.0,memory-backend=ram0" in cold and "-incoming" not in cold
-    resume = vm.qemu_argv(cfg, 7, 8, 9, "/run/luo-qemu/web/qmp.sock")
+    assert "socket,id=luo-qmp,fd=6,server=on,wait=off" in cold
+    resume = vm.qemu_argv(launch, 7, 8, 9, 6)
     assert resume[: len(cold)] == cold, "the same command line on both sides"
     assert resume[len(cold) :] == ["-add-fd", "fd=9,set=2,opaque=restored-vm-state", "-incoming", "defer"]
+
+
+def test_the_command_line_travels_in_vm_args() -> None:
+    launch = vm.Launch.of(vmconfig.parse_config("web", {**GOOD, "args": ["-drive", "file=a b,if=ide", ""]}))
+    back = vm.Launch.decode("web", launch.encode())
+    assert vm.qemu_argv(back, 7, 8, 9, 6) == vm.qemu_argv(launch, 7, 8, 9, 6)
+    for garbage in (b"", b"qemu\0pc-q35-10.0\0128", b"/usr/bin/qemu\0pc-q35-10.0\0lots"):
+        with pytest.raises(VmmFailed, match="not a QEMU command line"):
+            vm.Launch.decode("web", garbage)
 
 
 def test_a_copy_of_the_ram_is_no_live_update() -> None:
     ram = 128 << 20
     assert not vm.ram_was_copied({"ram": {"total": 532480}}, ram)
     assert vm.ram_was_copied({"ram": {"total": ram + 532480}}, ram)
+    assert vm.resumable(ram, ram, 292480)
+    assert not vm.resumable(ram, ram, 0), "the stop did not save: a fresh boot"
+    with pytest.raises(VmmFailed, match="holds a copy of the guest RAM"):
+        vm.resumable(ram, ram, ram + 292480)
+    with pytest.raises(VmmFailed, match="smaller than memory_mib=128"):
+        vm.resumable(ram, ram // 2, 292480)
 
 
-def test_a_live_updated_vm_whose_memory_did_not_arrive_is_not_booted_over(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    cfg = vm.parse_config("web", GOOD)
-    ram = os.memfd_create("guest-ram")
-    os.ftruncate(ram, cfg.memory_bytes)
-    try:
-        monkeypatch.delenv("LIVEUPDATE_RESTORED", raising=False)
-        assert not vm.restorable(cfg, -1, -1)  # an ordinary start boots
-        monkeypatch.setenv("LIVEUPDATE_RESTORED", "1")
-        for got_ram, got_state in ((-1, -1), (ram, -1), (-1, ram)):
-            with pytest.raises(VmmFailed, match="not booting over it"):
-                vm.restorable(cfg, got_ram, got_state)
-    finally:
-        os.close(ram)
+def test_a_live_updated_vm_whose_memory_does_not_come_is_not_booted_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEUPDATE_RESTORED", "1")
+    monkeypatch.setenv("LUOD_SOCKET", "/nonexistent/luod.sock")
+    monkeypatch.setattr(vm, "boot", lambda *_: pytest.fail("booted over a live-updated guest"))
+    with pytest.raises(AgentUnavailable):
+        vm.start("luo-qemu@web.service")
 
 
 def test_cpr_support_from_the_migration_parameters() -> None:

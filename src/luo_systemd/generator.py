@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, Optional
 
 from luo_systemd.errors import LuoError
-from luo_systemd.policy import DROPIN, SECTION, FinishMode, Policy, parse_policy, read_unit_lines
+from luo_systemd.policy import DROPIN, SECTION, FinishMode, Policy, RestoreMode, parse_policy, read_unit_lines
 
 NAME = "luo-systemd-generator"
 AGENT_UNIT = "luod.service"
@@ -81,8 +81,9 @@ def unit_dropin(unit: UnitFiles, policy: Policy, hook: str = HOOK) -> str:
         f"NotifyAccess={notify_access}",
         f"FileDescriptorStoreMax={fd_max}",
         f"EnvironmentFile=-{ENV_DIR}/%n",
-        f"ExecStartPre=-{hook} start %n",
     ]
+    if policy.restore is RestoreMode.AUTO:
+        lines.append(f"ExecStartPre=-{hook} start %n")
     if policy.finish is FinishMode.AUTO:
         lines.append(f"ExecStartPost=-{hook} started %n")
     lines += [

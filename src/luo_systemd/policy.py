@@ -34,6 +34,11 @@ class FinishMode(str, enum.Enum):
     EXPLICIT = "explicit"  # the service calls Finish itself after its own restore steps
 
 
+class RestoreMode(str, enum.Enum):
+    AUTO = "auto"  # luo-hook start (ExecStartPre=) puts the restored fds into the unit's fd store
+    EXPLICIT = "explicit"  # the service calls Retrieve itself: no process runs before it (luo-qemu)
+
+
 class NoReturn(str, enum.Enum):
     KEEP = "keep"  # keep the restored fds, and carry them into the next update
     DISCARD = "discard"  # free them
@@ -50,6 +55,7 @@ class Policy(NamedTuple):  # a NamedTuple, not a dataclass: importing dataclasse
     fd_names: tuple[str, ...] = ()  # the fd names to carry; empty: all
     preserve_at: PreserveAt = PreserveAt.STOP
     finish: FinishMode = FinishMode.AUTO
+    restore: RestoreMode = RestoreMode.AUTO
     sessions: tuple[str, ...] = ()  # client session names the unit may create
     fd_max: int = DEFAULT_FD_MAX
     on_no_return: NoReturn = NoReturn.KEEP
@@ -69,6 +75,8 @@ class Policy(NamedTuple):  # a NamedTuple, not a dataclass: importing dataclasse
             f"PreserveAt={self.preserve_at.value}",
             f"Finish={self.finish.value}",
         ]
+        if self.restore is not RestoreMode.AUTO:
+            lines.append(f"Restore={self.restore.value}")
         if self.sessions:
             lines.append("Sessions=" + " ".join(self.sessions))
         lines += [
@@ -158,6 +166,8 @@ def parse_policy(texts: Iterable[str]) -> Policy | None:
                 fields["preserve_at"] = _enum(PreserveAt, key, value)
             elif key == "Finish":
                 fields["finish"] = _enum(FinishMode, key, value)
+            elif key == "Restore":
+                fields["restore"] = _enum(RestoreMode, key, value)
             elif key == "OnNoReturn":
                 fields["on_no_return"] = _enum(NoReturn, key, value)
             elif key == "OnPreflightFailure":

@@ -2,16 +2,20 @@
 live update.  The ExecStart= and ExecStop= of ``luo-qemu@.service``; see luo-qemu(8).
 
 Guest RAM lives in a memfd that QEMU maps (memory-backend-file on /proc/self/fd/N, share=on) and that luod
-holds under the name ``guest-ram``; device state goes to a second memfd, ``vm-state``.
+holds under the name ``guest-ram``; device state goes to a second memfd, ``vm-state``; a third, ``vm-args``,
+holds what QEMU's command line is made of (from the configuration), so that the resumed QEMU gets the same one.
 
 - start, cold: new memfds, stored in luod, QEMU started on them; if this QEMU cannot save itself for a live
   update (no cpr-reboot), an inhibitor makes luod's pre-flight refuse, before anything stops.
 - stop for a live update (luod armed, or a kexec job queued): QEMU saves its device state into ``vm-state``
   in cpr-reboot mode with x-ignore-shared, which leaves the guest RAM where it is, then quits; luo-hook stop
-  (the next ExecStop=) preserves both memfds.  If QEMU copied the guest RAM into the state after all, that
+  (the next ExecStop=) preserves the memfds.  If QEMU copied the guest RAM into the state after all, that
   is not a live update: the memfds are given up and the guest will boot afresh.
-- start after the kexec: the restored memfds arrive in LISTEN_FDS; QEMU starts on the same RAM with the same
-  arguments and ``-incoming defer``, loads the state with migrate-incoming, and the guest carries on.
+- start after the kexec (the blackout): the launcher retrieves the memfds from luod itself (the unit has
+  ``Restore=explicit``: no luo-hook process runs before it), starts QEMU on the same RAM with the same
+  arguments and ``-incoming defer``, and loads the state; the guest carries on.  This path imports only what
+  it uses (no tomllib, re, json, subprocess or typing: they cost more than the rest of it), talks QMP on a
+  socket connected before QEMU starts, with every command sent ahead, and waits for events, not by polling.
 - an ordinary stop: ACPI power-down (system_powerdown), ``quit`` after the configured time; the memfds are
   removed from luod, so the next start boots the guest afresh.
 
@@ -20,124 +24,84 @@ The launcher does not stay: READY=1 comes with MAINPID= of QEMU once the guest r
 
 from __future__ import annotations
 
-import json
+import _socket as socket
 import os
-import re
-import select
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional
 
 from luo_systemd import varlink
 from luo_systemd.errors import InvalidRequest, LuoError, VmmFailed
 from luo_systemd.qmp import Qmp
-from luo_systemd.service_manager import listen_fds, notify
+from luo_systemd.service_manager import notify
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+TYPE_CHECKING = False  # typing costs the restore ~10 ms
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, Optional
 
-CONFIG_DIR = "/etc/luo-qemu"
+    from luo_systemd.vmconfig import VmConfig
+
 RUNTIME_DIR = "/run/luo-qemu"  # RuntimeDirectory=luo-qemu/%i: the QMP socket
 STATE_DIR = "/var/lib/luo-qemu"  # StateDirectory=luo-qemu: the figures of the last live update
 RAM = "guest-ram"
 STATE = "vm-state"
+ARGS = "vm-args"
 SAVE_FDSET = 1  # -add-fd set of the (write-only) state memfd that QEMU saves into
 LOAD_FDSET = 2  # -add-fd set of the (read-only) restored state memfd that QEMU loads from
-UNIT_RE = re.compile(r"^luo-qemu@([A-Za-z0-9_.:-]+)\.service$")
-# A versioned machine type: a bare "q35" becomes another type when QEMU is updated, and the state the old
-# QEMU saved no longer loads ("Machine type received is ... and local is ...").
-MACHINE_RE = re.compile(r"^[a-z][a-z0-9_-]*-\d+\.\d+$")
-# Options that the launcher sets itself, or that would break keeping the RAM in place: a second RAM
-# backend, a loader writing blobs into guest RAM while QEMU starts (before the restore), a monitor it
-# does not know of, a daemonizing QEMU.
-RESERVED_OPTIONS = ("-m", "-machine", "-M", "-mem-path", "-mem-prealloc", "-incoming", "-qmp", "-daemonize", "-name")
-RESERVED_VALUES = ("memory-backend-", "loader")
-MAX_MEMORY_MIB = 1 << 24  # 16 TiB
-DEFAULT_QEMU = "/usr/bin/qemu-system-x86_64"
-DEFAULT_POWERDOWN_SEC = 30.0
+UNIT_PREFIX, UNIT_SUFFIX = "luo-qemu@", ".service"
+INSTANCE_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-"
+MAX_ARGS_BYTES = 1 << 20  # a restored vm-args larger than this is not ours
 SAVE_TIMEOUT_SEC = 60.0
 START_TIMEOUT_SEC = 60.0
+# The cpr-reboot save and load: device state only; RAM in a shared file mapping is left where it is.
+IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
+MIGRATION_EVENTS = {"capability": "events", "state": True}
 
 
-class VmConfig(NamedTuple):  # not a dataclass: importing dataclasses costs ~20 ms of the restore
-    name: str
-    machine: str  # versioned, e.g. pc-q35-10.0
-    memory_mib: int
-    args: tuple[str, ...] = ()  # everything else QEMU needs: drives, devices, serial, accel
-    qemu: str = DEFAULT_QEMU
-    powerdown_timeout_sec: float = DEFAULT_POWERDOWN_SEC  # an ordinary stop: ACPI power-down, then quit
+class Launch:
+    """What QEMU's command line is made of, besides fds: the same on both sides of a live update.  Travels
+    in the ``vm-args`` memfd as NUL-separated fields (a plain class: this is on the restore path)."""
+
+    __slots__ = ("args", "machine", "memory_mib", "name", "qemu")
+
+    def __init__(self, name: str, qemu: str, machine: str, memory_mib: int, args: tuple[str, ...]) -> None:
+        self.name, self.qemu, self.machine, self.memory_mib, self.args = name, qemu, machine, memory_mib, args
+
+    @classmethod
+    def of(cls, cfg: VmConfig) -> Launch:
+        return cls(cfg.name, cfg.qemu, cfg.machine, cfg.memory_mib, cfg.args)
 
     @property
     def memory_bytes(self) -> int:
         return self.memory_mib << 20
 
+    def encode(self) -> bytes:
+        return "\0".join((self.qemu, self.machine, str(self.memory_mib), *self.args)).encode()
+
+    @classmethod
+    def decode(cls, name: str, data: bytes) -> Launch:
+        fields = data.decode(errors="replace").split("\0")
+        if len(fields) < 3 or not fields[2].isdigit() or not fields[0].startswith("/"):
+            raise VmmFailed(f"the restored {ARGS} of {name} is not a QEMU command line of luo-qemu's")
+        return cls(name, fields[0], fields[1], int(fields[2]), tuple(fields[3:]))
+
 
 def instance_of(unit: str) -> str:
-    m = UNIT_RE.match(unit)
-    if not m:
+    name = unit[len(UNIT_PREFIX) : -len(UNIT_SUFFIX)] if unit.startswith(UNIT_PREFIX) else ""
+    if not unit.endswith(UNIT_SUFFIX) or not name or name.strip(INSTANCE_CHARS):
         raise InvalidRequest(f"{unit!r} is not an instance of luo-qemu@.service")
-    return m.group(1)
+    return name
 
 
-def parse_config(name: str, doc: dict[str, Any], origin: str = "") -> VmConfig:
-    """The VM's settings from its TOML document; every mistake is an InvalidRequest naming the key."""
-    where = origin or name
-    allowed = set(VmConfig._fields) - {"name"}
-    unknown = sorted(set(doc) - allowed)
-    if unknown:
-        raise InvalidRequest(f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
-    machine = doc.get("machine")
-    if not isinstance(machine, str) or not MACHINE_RE.match(machine):
-        raise InvalidRequest(
-            f"{where}: machine must be a versioned machine type such as 'pc-q35-10.0' "
-            "(a bare 'q35' changes with QEMU updates and the saved state would no longer load)"
-        )
-    memory = doc.get("memory_mib")
-    if type(memory) is not int or not 1 <= memory <= MAX_MEMORY_MIB:
-        raise InvalidRequest(f"{where}: memory_mib must be an integer from 1 to {MAX_MEMORY_MIB}")
-    args = doc.get("args", [])
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise InvalidRequest(f"{where}: args must be a list of strings")
-    for i, arg in enumerate(args):
-        if arg in RESERVED_OPTIONS:
-            raise InvalidRequest(f"{where}: args may not contain {arg}: luo-qemu sets it (machine, memory_mib)")
-        if i > 0 and args[i - 1] in ("-object", "-device") and arg.startswith(RESERVED_VALUES):
-            raise InvalidRequest(
-                f"{where}: args may not add {args[i - 1]} {arg.split(',')[0]}: guest RAM is luo-qemu's memory "
-                "backend, and a loader would write into guest RAM before the restore"
-            )
-    qemu = doc.get("qemu", DEFAULT_QEMU)
-    if not isinstance(qemu, str) or not os.path.isabs(qemu):
-        raise InvalidRequest(f"{where}: qemu must be an absolute path")
-    timeout = doc.get("powerdown_timeout_sec", DEFAULT_POWERDOWN_SEC)
-    if type(timeout) not in (int, float) or not 0 <= timeout <= 3600:
-        raise InvalidRequest(f"{where}: powerdown_timeout_sec must be a number of seconds from 0 to 3600")
-    return VmConfig(name, machine, memory, tuple(args), qemu, float(timeout))
-
-
-def load_config(name: str, directory: str = CONFIG_DIR) -> VmConfig:
-    path = os.path.join(directory, name + ".toml")
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise InvalidRequest(f"{path}: {getattr(e, 'strerror', None) or e}") from None
-    return parse_config(name, doc, path)
-
-
-def qemu_argv(cfg: VmConfig, ram_fd: int, save_fd: int, load_fd: Optional[int], qmp_path: str) -> list[str]:
+def qemu_argv(launch: Launch, ram_fd: int, save_fd: int, load_fd: Optional[int], qmp_fd: int) -> list[str]:
     """QEMU's command line: the same on both sides of a live update, plus -incoming on the restoring side."""
-    size = f"{cfg.memory_mib}M"
+    size = f"{launch.memory_mib}M"
     argv = [
-        cfg.qemu,
+        launch.qemu,
         "-name",
-        cfg.name,
+        launch.name,
         "-machine",
-        f"{cfg.machine},memory-backend=ram0",
+        f"{launch.machine},memory-backend=ram0",
         "-m",
         size,
         # Only a shared file mapping is left in place by x-ignore-shared: memory-backend-ram, share=off or
@@ -148,9 +112,12 @@ def qemu_argv(cfg: VmConfig, ram_fd: int, save_fd: int, load_fd: Optional[int], 
         # An fdset wants the access mode QEMU opens with: write-only for the save, read-only for the load.
         "-add-fd",
         f"fd={save_fd},set={SAVE_FDSET},opaque={STATE}",
+        # QMP on a listening socket the launcher made (and connected to) before QEMU started.
+        "-chardev",
+        f"socket,id=luo-qmp,fd={qmp_fd},server=on,wait=off",
         "-qmp",
-        f"unix:{qmp_path},server=on,wait=off",
-        *cfg.args,
+        "chardev:luo-qmp",
+        *launch.args,
     ]
     if load_fd is not None:
         argv += ["-add-fd", f"fd={load_fd},set={LOAD_FDSET},opaque=restored-{STATE}", "-incoming", "defer"]
@@ -161,6 +128,18 @@ def ram_was_copied(migrate_info: dict[str, Any], memory_bytes: int) -> bool:
     """Whether QEMU put the guest RAM into the state instead of leaving it in place: then the state is as
     large as the RAM, and this is no live update (cpr-reboot does not refuse unshared RAM by itself)."""
     return int(migrate_info.get("ram", {}).get("total", 0)) >= memory_bytes
+
+
+def resumable(memory_bytes: int, ram_bytes: int, state_bytes: int) -> bool:
+    """Whether the memfds a live update brought back resume the guest; False for a fresh boot (the stop did
+    not save: QEMU was gone, or could not); VmmFailed when they must not be used, nor booted over."""
+    if state_bytes == 0:
+        return False
+    if ram_bytes < memory_bytes:
+        raise VmmFailed(f"the restored guest RAM is smaller than memory_mib={memory_bytes >> 20}: not resuming")
+    if state_bytes >= memory_bytes:
+        raise VmmFailed(f"the saved state ({state_bytes} bytes) holds a copy of the guest RAM: not a live update")
+    return True
 
 
 def cpr_support(params: dict[str, Any], version: dict[str, Any]) -> str:
@@ -213,8 +192,8 @@ def record(name: str, key: str, figures: dict[str, Any]) -> None:
     """The last live update's figures, in /var/lib/luo-qemu/NAME.json (the save's survive the kexec)."""
     path = os.path.join(STATE_DIR, name + ".json")
     try:
-        with open(path) as f:
-            doc = json.load(f)
+        with open(path, "rb") as f:
+            doc = varlink.loads(f.read())
     except (OSError, ValueError):
         doc = {}
     doc[key] = figures
@@ -222,14 +201,25 @@ def record(name: str, key: str, figures: dict[str, Any]) -> None:
         doc.pop("restore", None)
     os.makedirs(STATE_DIR, exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(doc, f)
+        f.write(varlink.dumps(doc))
     os.replace(path + ".tmp", path)
 
 
-def new_memfd(name: str, size: int) -> int:
+def new_memfd(name: str, content: bytes | int) -> int:
+    """A memfd of ``content``: bytes, or a size (zeros)."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
+    if isinstance(content, int):
+        os.ftruncate(fd, content)
+    else:
+        os.write(fd, content)
     return fd
+
+
+def read_all(fd: int, limit: int) -> bytes:
+    size = os.fstat(fd).st_size
+    if size > limit:
+        raise VmmFailed(f"{size} bytes where at most {limit} are expected")
+    return os.pread(fd, size, 0)
 
 
 def reopen(fd: int, flags: int) -> int:
@@ -240,26 +230,39 @@ def close_all(fds: Sequence[int]) -> None:
     varlink.close_all([fd for fd in fds if fd >= 0])  # -1: no fd
 
 
-def restorable(cfg: VmConfig, ram: int, saved: int) -> bool:
-    """Whether this start resumes a guest: a live update brought back its RAM (fd ``ram``) and a saved state
-    (``saved``); -1 for what did not come."""
-    if os.environ.get("LIVEUPDATE_RESTORED") != "1":
-        return False
-    if ram < 0 or saved < 0:
-        # luod holds this guest's RAM (luo-hook start failed to hand it over): a fresh boot on a new memfd
-        # would replace it in luod for good.  Failing keeps it there; the next start tries again.
-        raise VmmFailed(
-            "a live update carried this VM, but its guest RAM or device state did not arrive (see luo-hook start in"
-            " the journal): not booting over it"
-        )
-    state_bytes = os.fstat(saved).st_size
-    if state_bytes == 0:
-        return False  # the stop did not save (QEMU was gone, or could not): a fresh boot
-    if os.fstat(ram).st_size < cfg.memory_bytes:
-        raise VmmFailed(f"the restored guest RAM is smaller than memory_mib={cfg.memory_mib}: not resuming")
-    if state_bytes >= cfg.memory_bytes:
-        raise VmmFailed(f"the saved state ({state_bytes} bytes) holds a copy of the guest RAM: not a live update")
-    return True
+def qmp_listener(path: str) -> tuple[socket.socket, socket.socket]:
+    """QEMU's QMP socket, listening at ``path``, and the launcher's connection to it: made before QEMU
+    starts, so that the launcher neither polls for the socket nor waits for it to appear."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(path)
+        listener.listen(4)
+        client.connect(path)  # waits in the backlog until QEMU's monitor accepts it
+    except OSError as e:
+        listener.close()
+        client.close()
+        raise VmmFailed(f"cannot make the QMP socket {path}: {e.strerror}") from None
+    client.settimeout(START_TIMEOUT_SEC)
+    return listener, client
+
+
+def spawn(argv: list[str], fds: Sequence[int]) -> int:
+    """Starts QEMU with ``fds`` inherited (at the same numbers); its pid.  posix_spawn, not subprocess (not
+    luo_systemd.processes either, which is asyncio's): this is on the restore path."""
+    try:
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        return os.posix_spawn(argv[0], argv, os.environ, file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", 0, 0)])
+    except OSError as e:
+        raise VmmFailed(f"cannot start {argv[0]}: {e.strerror}") from None
+    finally:
+        for fd in fds:
+            os.set_inheritable(fd, False)
 
 
 def process_start_time() -> float:
@@ -275,68 +278,108 @@ def process_start_time() -> float:
 def start(unit: str) -> str:
     t_start = time.time()
     name = instance_of(unit)
-    cfg = load_config(name)
-    passed = listen_fds()
-    restored_ram, saved = (passed.pop(n, [-1])[0] for n in (RAM, STATE))
-    for fd in [fd for fds in passed.values() for fd in fds]:
-        os.close(fd)
-    resume = restorable(cfg, restored_ram, saved)
-    if resume:
-        ram = restored_ram
-    else:
-        close_all([restored_ram, saved])
-        ram, saved = new_memfd(f"{RAM}:{name}", cfg.memory_bytes), -1
-    state = new_memfd(f"{STATE}:{name}", 0)  # a fresh one for the next save (a restored one may be frozen)
+    if os.environ.get("LIVEUPDATE_RESTORED") == "1":
+        # Restore=explicit: the memfds come from luod, not the fd store.  Should one be missing, this fails:
+        # a fresh boot would replace the guest's RAM in luod for good (Restart= tries again).
+        with varlink.Client(luod_socket(), timeout=30) as luod:
+            ram, saved, args = luod.call("Retrieve", {"names": [RAM, STATE, ARGS]})[1]
+        try:
+            launch = Launch.decode(name, read_all(args, MAX_ARGS_BYTES))
+            if resumable(launch.memory_bytes, os.fstat(ram).st_size, os.fstat(saved).st_size):
+                return resume(unit, launch, ram, saved, args, t_start)
+        finally:
+            close_all([ram, saved, args])
+    return boot(unit, name)
+
+
+def resume(unit: str, launch: Launch, ram: int, saved: int, args: int, t_start: float) -> str:
+    t_retrieved = time.time()
+    state_bytes = os.fstat(saved).st_size
+    state = new_memfd(f"{STATE}:{launch.name}", 0)  # a fresh one for the next save (a restored one is frozen)
     save_fd = reopen(state, os.O_WRONLY)
-    load_fd = reopen(saved, os.O_RDONLY) if resume else -1
-    sock = qmp_path(name)
-    argv = qemu_argv(cfg, ram, save_fd, load_fd if resume else None, sock)
-    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=[fd for fd in (ram, save_fd, load_fd) if fd >= 0])
-    t_spawned = time.time()
-    # While QEMU starts (should this fail, the unit fails and systemd stops QEMU with it):
-    with varlink.Client(luod_socket(), timeout=30) as luod:
-        luod.call("Store", {"names": [RAM, STATE]}, [ram, state])
-    # The restored fds are in the unit's fd store, where a later restart would find them again: only this
-    # start may use them.
-    notify([(f"FDSTOREREMOVE=1\nFDNAME={n}", []) for n in (RAM, STATE)])
-    with Qmp.connect(sock, START_TIMEOUT_SEC, alive=lambda: qemu.poll() is None) as qmp:
-        t_qmp = time.time()
-        version = qmp.command("query-version")
-        if resume:
-            state_bytes = os.fstat(saved).st_size
-            qmp.command("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-            qmp.command("migrate-set-parameters", mode="cpr-reboot")
-            qmp.command("migrate-incoming", uri=f"file:/dev/fdset/{LOAD_FDSET}")
-            qmp.wait_migration(START_TIMEOUT_SEC)
-            while qmp.command("query-status").get("status") != "running":  # the guest runs again by itself
-                time.sleep(0.001)
+    load_fd = reopen(saved, os.O_RDONLY)
+    listener, client = qmp_listener(qmp_path(launch.name))
+    try:
+        qmp_fd = listener.fileno()
+        pid = spawn(qemu_argv(launch, ram, save_fd, load_fd, qmp_fd), [ram, save_fd, load_fd, qmp_fd])
+        t_spawned = time.time()
+    finally:
+        listener.close()  # QEMU's now: should it exit, the connection ends instead of waiting for a greeting
+        close_all([save_fd, load_fd])
+    # Sent at once and read by QEMU's monitor right after its greeting: the load starts as soon as QEMU can.
+    load = (
+        ("migrate-set-capabilities", {"capabilities": [IGNORE_SHARED]}),
+        ("migrate-set-parameters", {"mode": "cpr-reboot"}),
+        ("migrate-incoming", {"uri": f"file:/dev/fdset/{LOAD_FDSET}"}),
+    )
+    try:
+        with varlink.Client(luod_socket(), timeout=30) as luod:  # while QEMU starts
+            luod.call("Store", {"names": [RAM, STATE, ARGS]}, [ram, state, args])
+        with Qmp(client, pipeline=load) as qmp:
+            t_qmp = time.time()
+            for command, _ in load:
+                qmp.reply(command)
+            qmp.event(("RESUME",))  # the guest runs again by itself once the state is loaded
             t_running = time.time()
-            record(
-                name,
-                "restore",
-                {
-                    "process_started": process_start_time(),
-                    "started": t_start,
-                    "qemu_spawned": t_spawned,
-                    "qmp_ready": t_qmp,
-                    "running": t_running,
-                    "state_bytes": state_bytes,
-                },
-            )
-            status = f"guest resumed from {state_bytes} bytes of device state in {(t_running - t_start) * 1000:.0f} ms"
-        else:
-            reason = cpr_support(qmp.command("query-migrate-parameters"), version)
-            set_inhibitor(unit, reason)
-            if reason:
-                log(f"{unit} cannot be live-updated: {reason}", priority=4)
-            status = f"guest booted with {cfg.memory_mib} MiB of RAM"
-    close_all([ram, state, save_fd, load_fd, saved])
-    notify([(f"READY=1\nMAINPID={qemu.pid}\nSTATUS={status}", [])])
+    except VmmFailed as e:
+        raise VmmFailed(f"{e} (QEMU loading the state of {launch.name}; its own words are in the journal)") from None
+    finally:
+        client.close()
+        os.close(state)
+    record(
+        launch.name,
+        "restore",
+        {
+            "process_started": process_start_time(),
+            "started": t_start,
+            "retrieved": t_retrieved,
+            "qemu_spawned": t_spawned,
+            "qmp_ready": t_qmp,
+            "running": t_running,
+            "state_bytes": state_bytes,
+        },
+    )
+    status = f"guest resumed from {state_bytes} bytes of device state in {(t_running - t_start) * 1000:.0f} ms"
+    notify([(f"READY=1\nMAINPID={pid}\nSTATUS={status}", [])])
+    return status
+
+
+def boot(unit: str, name: str) -> str:
+    """A cold start: new memfds, a fresh guest (not on the restore path: the configuration is read here)."""
+    from luo_systemd.vmconfig import load_config  # noqa: PLC0415 - tomllib and re: not on the restore path
+
+    launch = Launch.of(load_config(name))
+    ram = new_memfd(f"{RAM}:{name}", launch.memory_bytes)
+    state = new_memfd(f"{STATE}:{name}", 0)
+    args = new_memfd(f"{ARGS}:{name}", launch.encode())
+    save_fd = reopen(state, os.O_WRONLY)
+    listener, client = qmp_listener(qmp_path(name))
+    try:
+        pid = spawn(qemu_argv(launch, ram, save_fd, None, listener.fileno()), [ram, save_fd, listener.fileno()])
+    finally:
+        listener.close()
+        os.close(save_fd)
+    try:
+        with varlink.Client(luod_socket(), timeout=30) as luod:  # while QEMU starts
+            luod.call("Store", {"names": [RAM, STATE, ARGS]}, [ram, state, args])
+        with Qmp(client, (("query-version", {}), ("query-migrate-parameters", {}))) as qmp:
+            version = qmp.reply("query-version")
+            reason = cpr_support(qmp.reply("query-migrate-parameters"), version)
+    finally:
+        client.close()
+        close_all([ram, state, args])
+    set_inhibitor(unit, reason)
+    if reason:
+        log(f"{unit} cannot be live-updated: {reason}", priority=4)
+    status = f"guest booted with {launch.memory_mib} MiB of RAM"
+    notify([(f"READY=1\nMAINPID={pid}\nSTATUS={status}", [])])
     return status
 
 
 def live_update_under_way() -> bool:
     """luod is armed, or systemd has a kexec job that luod will notice at the first preserve."""
+    import subprocess  # noqa: PLC0415 - not on the restore path
+
     from luo_systemd.kexec_watch import LIST_JOBS_ARGS, kexec_job_listed  # noqa: PLC0415
 
     try:
@@ -352,6 +395,8 @@ def live_update_under_way() -> bool:
 
 def wait_exit(pid: int, timeout: float) -> bool:
     """Waits for QEMU (the unit's main process, not our child) to exit."""
+    import select  # noqa: PLC0415 - not on the restore path
+
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -366,19 +411,22 @@ def forget(unit: str) -> None:
     """Gives up the memfds (luod frees them): the next start boots the guest afresh."""
     try:
         with varlink.Client(luod_socket(), timeout=30) as luod:
-            luod.call("Remove", {"names": [RAM, STATE]})
+            luod.call("Remove", {"names": [RAM, STATE, ARGS]})
     except LuoError as e:
         log(f"could not remove the memfds of {unit} from luod: {e}", priority=4)
 
 
-def save(cfg: VmConfig, qmp: Qmp, pid: int) -> str:
+def save(name: str, memory_bytes: int, qmp: Qmp, pid: int) -> str:
     t_pause = time.time()
-    qmp.command("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-    qmp.command("migrate-set-parameters", mode="cpr-reboot")
-    qmp.command("migrate", uri=f"file:/dev/fdset/{SAVE_FDSET}")
-    info = qmp.wait_migration(SAVE_TIMEOUT_SEC)  # the guest is paused from here on
+    # All at once; the MIGRATION events say when it is done (no polling).
+    qmp.send("migrate-set-capabilities", capabilities=[IGNORE_SHARED, MIGRATION_EVENTS])
+    qmp.send("migrate-set-parameters", mode="cpr-reboot")
+    qmp.send("migrate", uri=f"file:/dev/fdset/{SAVE_FDSET}")
+    for command in ("migrate-set-capabilities", "migrate-set-parameters", "migrate"):
+        qmp.reply(command)
+    info = qmp.wait_migration()  # the guest is paused from here on
     t_saved = time.time()
-    if ram_was_copied(info, cfg.memory_bytes):
+    if ram_was_copied(info, memory_bytes):
         raise VmmFailed(f"QEMU copied the guest RAM into the state ({info['ram']['total']} bytes): not a live update")
     qmp.command("quit")
     wait_exit(pid, 10)
@@ -387,19 +435,21 @@ def save(cfg: VmConfig, qmp: Qmp, pid: int) -> str:
         "paused": t_pause,
         "saved": t_saved,
         "exited": t_exited,
-        "ram_bytes": cfg.memory_bytes,
+        "ram_bytes": memory_bytes,
         "ram_copied_bytes": int(info["ram"]["total"]),
         "qemu": qmp.greeting.get("QMP", {}).get("version", {}).get("qemu", {}),
     }
-    record(cfg.name, "save", figures)
+    record(name, "save", figures)
     return (
         f"saved the device state for the live update in {(t_saved - t_pause) * 1000:.0f} ms "
         f"(QEMU's own RAM copied: {figures['ram_copied_bytes']} bytes; guest RAM kept in place: "
-        f"{cfg.memory_bytes} bytes); QEMU gone after {(t_exited - t_pause) * 1000:.0f} ms"
+        f"{memory_bytes} bytes); QEMU gone after {(t_exited - t_pause) * 1000:.0f} ms"
     )
 
 
 def stop(unit: str) -> str:
+    from luo_systemd.vmconfig import load_config  # noqa: PLC0415 - not on the restore path
+
     name = instance_of(unit)
     cfg = load_config(name)
     pid = int(os.environ.get("MAINPID") or 0)
@@ -413,7 +463,7 @@ def stop(unit: str) -> str:
         inhibited = os.path.exists(inhibitor_path(unit))
         if not inhibited and live_update_under_way():
             try:
-                return save(cfg, qmp, pid)
+                return save(name, cfg.memory_bytes, qmp, pid)
             except VmmFailed as e:
                 log(f"{e}; {unit} will boot afresh after the kexec", priority=3)
                 qmp.command("quit")
