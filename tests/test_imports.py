@@ -66,13 +66,12 @@ def test_hook_imports_only_the_light_client(hook_script: str, verb: str, extra_e
     assert ("luo_systemd.varlink" in modules) == bool(talks), sorted(modules)
 
 
-def test_the_vm_restore_imports_only_the_light_clients(tmp_path: Path) -> None:
+def test_the_vm_restore_imports_only_the_light_clients() -> None:
     """luo-qemu start after a live update runs in the blackout, before QEMU: no configuration parser, no
-    subprocess, none of the modules luo-hook avoids (luod unreachable here: it fails after its imports)."""
-    script = tmp_path / "luo-qemu"
-    script.write_text("import sys\nfrom luo_systemd.vm import main\nsys.exit(main(sys.argv))\n")
+    subprocess, none of the modules luo-hook avoids (luod unreachable here: it fails after its imports).  The
+    script is the packages' /usr/bin/luo-qemu."""
     env = dict(os.environ, LIVEUPDATE_RESTORED="1", LUOD_SOCKET="/nonexistent/luod.sock")
-    modules = loaded([str(script), "start", "luo-qemu@demo.service"], env)
+    modules = loaded([str(TOP / "packaging" / "luo-qemu"), "start", "luo-qemu@demo.service"], env)
     assert "luo_systemd.qmp" in modules and "luo_systemd.varlink" in modules, sorted(modules)
     heavy = {*NEVER, *NOT_FOR_THE_HOOK, "tomllib", "tomli", "select", "luo_systemd.vmconfig", "luo_systemd.config"}
     assert not {m.split(".")[0] for m in modules} & heavy and not set(modules) & heavy, sorted(modules)
