@@ -39,7 +39,7 @@ def bare_restarts(bed: VmBed, count: int) -> list[dict[str, float]]:
     c = bed.c
     rows = [
         json.loads(line)
-        for line in c.sh(f"python3 /root/vm_restart.py {BARE} {count}", check=True, timeout=300).stdout.split()
+        for line in c.sh(f"python3 /root/vm_restart.py {BARE} {count}", check=True, timeout=300).stdout.splitlines()
     ]
     boots = rows.pop()["boots"]
     if boots != 1:
