@@ -30,7 +30,7 @@ TOP = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(TOP)]
 
 from tests.nspawn.live_update import journal  # noqa: E402
-from tests.nspawn.vm_update import VM, VmBed, VmOutcome, report, restore_steps  # noqa: E402
+from tests.nspawn.vm_update import VM, VmBed, VmOutcome, report, restore_start, restore_steps  # noqa: E402
 
 BARE = "bench"  # the second guest: /etc/luo-qemu/bench.toml, its own disk image and serial port
 
@@ -90,7 +90,8 @@ def suite_run(suite: str, packages: list[Path], rounds: int, bare: int) -> tuple
         share = [o.vm_share_sec for o in good]
         print(f"  luo-qemu, the VM's share:   {ms(share)}")
         print(f"    save+quit                 {ms([o.save['exited'] - o.save['paused'] for o in good])}")
-        print(f"    restore, unit start ->    {ms([o.restore['running'] - o.unit['started'] for o in good])}")
+        restores = [o.restore["running"] - restore_start(o.unit, o.restore) for o in good]
+        print(f"    restore, unit start ->    {ms(restores)}")
         for label, values in steps.items():
             print(f"      {label:<50} {ms(values)}")
         print(f"  bare QEMU restart:          {ms([r['total'] for r in restarts])}")

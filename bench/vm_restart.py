@@ -50,6 +50,9 @@ def start_qemu(launch: vm.Launch, ram: int, state: int, saved: int) -> tuple[int
 def main() -> int:
     name, rounds = sys.argv[1], int(sys.argv[2])
     launch = vm.Launch.of(load_config(name))
+    serial = next(a.split("path=")[1].split(",")[0] for a in launch.args if "path=" in a)
+    if os.path.exists(serial):
+        os.unlink(serial)  # a new guest each run: its boots are counted from here
     os.makedirs(os.path.dirname(vm.qmp_path(name)), exist_ok=True)
     ram = vm.new_memfd(f"{vm.RAM}:{name}", launch.memory_bytes)
     state = vm.new_memfd(f"{vm.STATE}:{name}", 0)
@@ -71,7 +74,6 @@ def main() -> int:
         time.sleep(0.5)
     qmp.command("quit")
     os.waitpid(pid, 0)
-    serial = next(a.split("path=")[1].split(",")[0] for a in launch.args if "path=" in a)
     with open(serial) as f:
         print(json.dumps({"boots": f.read().count("luo-vm-guest: booted")}))
     return 0

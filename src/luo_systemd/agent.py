@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import resource
@@ -248,8 +249,11 @@ async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener: so
         tasks.append(asyncio.ensure_future(keep_metrics(broker, loader, cfg, metrics_changed)))
     # The bus joins after READY=1: units ordered After=luod.service wait for READY, and they talk Varlink.
     # A D-Bus caller meanwhile waits in dbus-daemon (io.liveupdate.Agent1.service activates luod.service).
+    # dbus_next loads in a thread: the Varlink service answers meanwhile (after a live update, restored units
+    # call it right after READY=1, in the blackout; the import alone takes longer than their restore).
     bus = None
     if cfg.dbus:
+        await asyncio.to_thread(importlib.import_module, "luo_systemd.dbus_service")
         from luo_systemd.dbus_service import (  # noqa: PLC0415
             BUS_NAME,
             OBJECT_PATH,

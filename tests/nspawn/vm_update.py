@@ -92,7 +92,8 @@ class VmOutcome:
     def vm_share_sec(self) -> float:
         """The VM's own part of the pause: the save and quit, and the restore from the unit's start in the new
         boot (systemd's exec, the launcher's interpreter, QEMU's start, the load)."""
-        return float((self.save["exited"] - self.save["paused"]) + (self.restore["running"] - self.unit["started"]))
+        restore = self.restore["running"] - restore_start(self.unit, self.restore)
+        return float(self.save["exited"] - self.save["paused"] + restore)
 
     @property
     def ok(self) -> bool:
@@ -198,13 +199,18 @@ class VmBed(LiveUpdateBed):
         }
 
 
+def restore_start(unit: dict[str, float], restore: dict[str, Any]) -> float:
+    """When the restore began: the unit's start, or the launcher's process start if that came first (without
+    ExecStartPre= systemd marks the unit started only once it has spawned ExecStart=)."""
+    return min(unit["started"], restore["process_started"])
+
+
 def restore_steps(unit: dict[str, float], restore: dict[str, Any]) -> list[tuple[str, float, float]]:
-    """The restore's steps: (what, from, to), wall clock."""
-    u, r = unit, restore
+    """The restore's steps: (what, from, to), wall clock.  The launcher's process start has the 10 ms
+    resolution of /proc's start times: the first step is systemd's exec, the interpreter and the imports."""
+    r = restore
     return [
-        # The launcher's process start has the 10 ms resolution of /proc's start times.
-        ("systemd exec", u["started"], r["process_started"]),
-        ("Python and imports", r["process_started"], r["started"]),
+        ("systemd exec, Python and imports", restore_start(unit, r), r["started"]),
         ("luod Retrieve", r["started"], r["retrieved"]),
         ("QEMU spawned", r["retrieved"], r["qemu_spawned"]),
         ("QEMU up (QMP greeting; memfds stored meanwhile)", r["qemu_spawned"], r["qmp_ready"]),
@@ -230,7 +236,7 @@ def report(o: VmOutcome) -> str:
             f"({100.0 * r['state_bytes'] / s['ram_bytes']:.2f} % of RAM)",
             f"  VM pause (QEMU stopped the guest -> guest running again): {o.vm_pause_sec:.2f}s",
             f"    the VM's own share: save+quit {(s['exited'] - s['paused']) * ms:.0f} ms, "
-            f"restore (unit start -> guest running) {(r['running'] - u['started']) * ms:.0f} ms, "
+            f"restore (unit start -> guest running) {(r['running'] - restore_start(u, r)) * ms:.0f} ms, "
             f"together {o.vm_share_sec * ms:.0f} ms",
             "      restore steps: "
             + ", ".join(f"{label} {(b - a) * ms:.0f} ms" for label, a, b in restore_steps(u, r)),
