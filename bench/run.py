@@ -1,4 +1,4 @@
-"""The one benchmark: every blackout-path figure as a ratio measured in the same run.  See README "Benchmarks".
+"""The blackout path's benchmark: every figure as a ratio measured in the same run (bench/vm.py: a VM's).
 
     .venv/bin/python bench/run.py [--pairs 15] [--fds 100,1000,10000]
 

@@ -1,5 +1,5 @@
 """The VM's share of a live update's blackout against a bare QEMU restart of the same guest, measured in the
-same run.  See README "Benchmarks".
+same run (README, "Tests").
 
     .venv/bin/python bench/vm.py [--suites trixie,sid] [--rounds 4] [--bare 3] $(packaging/build-deb.sh --no-lintian)
 
