@@ -8,7 +8,9 @@ refused by the pre-flight.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import pytest
 from luo_systemd import agent, vm, vmconfig
 from luo_systemd.errors import AgentUnavailable, InvalidRequest, VmmFailed
 from luo_systemd.kexec_watch import kexec_job_listed
+from luo_systemd.qmp import Qmp
 from tests.nspawn import harness
 from tests.nspawn.vm_update import UNIT, VmBed, VmOutcome, report
 
@@ -91,6 +94,27 @@ def test_a_live_updated_vm_whose_memory_does_not_come_is_not_booted_over(monkeyp
     monkeypatch.setattr(vm, "boot", lambda *_: pytest.fail("booted over a live-updated guest"))
     with pytest.raises(AgentUnavailable):
         vm.start("luo-qemu@web.service")
+
+
+def test_qmp_commands_go_ahead_of_the_greeting_and_events_are_kept() -> None:
+    """The client's side of the pipelined restore (the nspawn tests run it against QEMU itself)."""
+    ours, qemu = socket.socketpair()
+    with ours, qemu:
+        qemu.settimeout(5)
+        qemu.sendall(
+            b'{"QMP": {"version": {}}}\n{"return": {}}\n{"event": "RESUME"}\n'
+            b'{"error": {"class": "GenericError", "desc": "no"}}\n{"return": {"status": "completed"}}\n'
+        )
+        qmp = Qmp(ours, (("migrate-incoming", {"uri": "file:/dev/fdset/2"}),))
+        sent = [json.loads(line)["execute"] for line in qemu.recv(4096).decode().splitlines()]
+        assert sent == ["qmp_capabilities", "migrate-incoming"]
+        with pytest.raises(VmmFailed, match="QEMU refused migrate-incoming: no"):
+            qmp.reply("migrate-incoming")
+        assert qmp.event(("RESUME",)) == {"event": "RESUME"}, "an event that came before a reply is kept"
+        assert qmp.reply("query-migrate") == {"status": "completed"}
+        qemu.close()
+        with pytest.raises(VmmFailed, match="closed the QMP connection"):
+            qmp.event(("RESUME",))
 
 
 def test_cpr_support_from_the_migration_parameters() -> None:

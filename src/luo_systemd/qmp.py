@@ -24,7 +24,7 @@ from luo_systemd.varlink import dumps, loads
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Optional
+    from typing import Any
 
 MAX_LINE = 16 << 20  # query-qmp-schema is the largest reply (~0.3 MB); anything near this is not QEMU
 
@@ -45,8 +45,8 @@ class Qmp:
         self.reply("qmp_capabilities")
 
     @classmethod
-    def connect(cls, path: str, timeout: float = 30.0, alive: Optional[Callable[[], bool]] = None) -> Qmp:
-        """Connects to ``path``, retrying until ``timeout`` while ``alive()`` (e.g. QEMU has not exited)."""
+    def connect(cls, path: str, timeout: float = 30.0) -> Qmp:
+        """Connects to ``path``, retrying until ``timeout`` (QEMU creates it while it starts)."""
         deadline = time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -56,7 +56,7 @@ class Qmp:
                 return cls(sock)
             except (FileNotFoundError, ConnectionRefusedError) as e:
                 sock.close()
-                if time.monotonic() > deadline or (alive is not None and not alive()):
+                if time.monotonic() > deadline:
                     raise VmmFailed(f"QEMU's QMP socket {path} does not answer: {e.strerror}") from None
                 time.sleep(0.002)
             except BaseException:
