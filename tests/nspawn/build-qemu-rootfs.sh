@@ -25,24 +25,13 @@ BASE=$TOP/$SUITE
 NAME=$SUITE-qemu
 DEST=$TOP/$NAME
 log() { echo "build-qemu-rootfs[$SUITE]: $*" >&2; }
+# shellcheck source=tests/nspawn/cached-tree.sh
+. "$HERE/cached-tree.sh"
 
 "$HERE/build-rootfs.sh" "$SUITE"
 stamp=$( { cat "$BASE/.luo-rootfs-stamp"; echo "packages=$PACKAGES"; cat "$0"; } | sha256sum | cut -d' ' -f1)
 up_to_date() { [ -f "$DEST/.luo-rootfs-stamp" ] && [ "$(cat "$DEST/.luo-rootfs-stamp")" = "$stamp" ]; }
-if up_to_date; then
-    log "up to date: $DEST"
-    exit 0
-fi
-exec 8>"$TOP/.$NAME.build.lock"
-flock 8
-if up_to_date; then
-    log "up to date: $DEST (built meanwhile)"
-    exit 0
-fi
-
-TMP=$(mktemp -d "$TOP/.$NAME.tmp.XXXXXX")
-cleanup() { if [ -n "${TMP:-}" ] && [ -d "$TMP" ]; then rm -rf --one-file-system "$TMP"; fi; return 0; }
-trap cleanup EXIT
+begin_build "$NAME"
 t0=$(date +%s)
 exec 9>"$TOP/.$SUITE.lock"
 flock -s 9  # the base tree must not be swapped out while it is copied
@@ -70,20 +59,5 @@ qemu=$(chroot "$TMP" dpkg-query -W -f='${Version}' qemu-system-x86)
 { cat "$BASE/.luo-rootfs-info"; echo "qemu=$qemu"; } >"$TMP/.luo-rootfs-info"
 echo "$stamp" >"$TMP/.luo-rootfs-stamp"
 
-exec 9>"$TOP/.$NAME.lock"
-if ! flock -w "${LUO_LOCK_WAIT:-600}" 9; then
-    echo "$0: $DEST is still in use by running containers (lock $TOP/.$NAME.lock)" >&2
-    exit 1
-fi
-if [ -e "$DEST" ]; then
-    OLD=$(mktemp -d "$TOP/.$NAME.old.XXXXXX")
-    mv -T "$DEST" "$OLD/tree"
-    mv -T "$TMP" "$DEST"
-    TMP=
-    rm -rf --one-file-system "$OLD"
-else
-    mv -T "$TMP" "$DEST"
-    TMP=
-fi
-exec 9>&-
+swap_into_place "$NAME"
 log "built $DEST (QEMU $qemu) in $(( $(date +%s) - t0 )) s"

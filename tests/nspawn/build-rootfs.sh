@@ -32,6 +32,8 @@ DEST=$TOP/$SUITE
 STAMP_NAME=.luo-rootfs-stamp
 
 log() { echo "build-rootfs[$SUITE]: $*" >&2; }
+# shellcheck source=tests/nspawn/cached-tree.sh
+. "$(dirname "$0")/cached-tree.sh"
 
 # --- configure the tree for containers -----------------------------------------------------------
 # The text of this function is part of the stamp: changing it rebuilds the cached trees.
@@ -70,21 +72,8 @@ stamp=$( { echo "suite=$SUITE"; echo "include=$INCLUDE"; declare -f configure_ro
 up_to_date() {
     [ "${LUO_REBUILD:-0}" != 1 ] && [ -f "$DEST/$STAMP_NAME" ] && [ "$(cat "$DEST/$STAMP_NAME")" = "$stamp" ]
 }
-if up_to_date; then
-    log "up to date: $DEST"
-    exit 0
-fi
-
-# Locks: .SUITE.build.lock serializes builders of one suite; .SUITE.lock is held shared by every
-# running harness container that uses the tree as its overlay's lower layer, and exclusively here
-# only while the old tree is swapped out and deleted.
-mkdir -p "$TOP"
-exec 8>"$TOP/.$SUITE.build.lock"
-flock 8
-if up_to_date; then
-    log "up to date: $DEST (built meanwhile)"
-    exit 0
-fi
+begin_build "$SUITE"
+chmod 755 "$TMP"
 
 # --- debootstrap on the host --------------------------------------------------------------------
 # debootstrap builds the trees; systemd-container (systemd-nspawn) is what harness.py needs to boot
@@ -161,12 +150,7 @@ MIRROR=${LUO_MIRROR:-$(find_mirror)}
 [ -n "$MIRROR" ] || { echo "$0: no Debian mirror found in /etc/apt sources; set LUO_MIRROR" >&2; exit 1; }
 log "mirror $MIRROR"
 
-# --- build into a temporary directory ------------------------------------------------------------
-TMP=$(mktemp -d "$TOP/.$SUITE.tmp.XXXXXX")
-cleanup() { if [ -n "${TMP:-}" ] && [ -d "$TMP" ]; then rm -rf --one-file-system "$TMP"; fi; return 0; }
-trap cleanup EXIT
-chmod 755 "$TMP"
-
+# --- build into the temporary directory ---------------------------------------------------------
 t0=$(date +%s)
 log "debootstrap into $TMP"
 if ! debootstrap --variant=minbase --components=main --include="$INCLUDE" \
@@ -192,21 +176,5 @@ sdver=$(chroot "$R" dpkg-query -W -f='${Version}' systemd)
 } >"$R/.luo-rootfs-info"
 echo "$stamp" >"$R/$STAMP_NAME"
 
-# --- swap into place -----------------------------------------------------------------------------
-exec 9>"$TOP/.$SUITE.lock"
-if ! flock -w "${LUO_LOCK_WAIT:-600}" 9; then
-    echo "$0: $DEST is still in use by running containers (lock $TOP/.$SUITE.lock)" >&2
-    exit 1
-fi
-if [ -e "$DEST" ]; then
-    OLD=$(mktemp -d "$TOP/.$SUITE.old.XXXXXX")
-    mv -T "$DEST" "$OLD/tree"
-    mv -T "$TMP" "$DEST"
-    TMP=
-    rm -rf --one-file-system "$OLD"
-else
-    mv -T "$TMP" "$DEST"
-    TMP=
-fi
-exec 9>&-
+swap_into_place "$SUITE"
 log "built $DEST (systemd $sdver) in $(( $(date +%s) - t0 )) s"
