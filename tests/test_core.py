@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -119,10 +120,30 @@ def test_manifest_round_trip() -> None:
     assert Manifest.decode(manifest().encode()) == manifest()
 
 
+def test_manifest_records_replace_and_take_back_units() -> None:
+    """A session's records, token 0 first: a later record replaces a unit of the same name or takes it back
+    (``gone``); the header is the last record's.  A version-1 manifest (one document) is still read."""
+    whole = manifest()
+    demo = CarriedUnit("demo.service", "luod/demo.service", (CarriedFd("cache", FdKind.MEMFD, 5, token=1),))
+    later = dataclasses.replace(whole, written_usec=whole.written_usec + 1, units=(demo,))
+    gone = dataclasses.replace(later, units=())
+    replayed = Manifest.replay([whole.encode(), later.encode(), gone.encode(("qemu@vm1.service",))])
+    assert replayed == dataclasses.replace(later, units=(demo,))
+    v1 = json.loads(whole.encode())
+    del v1["gone"]
+    v1["version"] = 1
+    assert Manifest.decode(json.dumps(v1).encode()) == whole
+    with pytest.raises(BadManifest, match=r"record 1 \(version 2\) follows a version 1 record"):
+        Manifest.replay([json.dumps(v1).encode(), later.encode()])
+    with pytest.raises(BadManifest, match="no record"):
+        Manifest.replay([])
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda d: d.update(version=2), "version 2 is not understood"),
+        (lambda d: d.update(version=3), "version 3 is not understood"),
+        (lambda d: d.pop("gone"), "malformed"),
         (lambda d: d.update(format="something else"), "no 'format"),
         (lambda d: d["units"][0]["fds"][0].update(token=-1), "malformed"),
         (lambda d: d.pop("units"), "malformed"),

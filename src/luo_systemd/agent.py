@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("luod")
 
 VARLINK_FDNAME = "varlink"  # FileDescriptorName= of luod.socket
+METRICS_COALESCE_SEC = 0.5
 
 
 class SystemdFdStore:
@@ -229,19 +230,19 @@ async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener: so
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    expiry: list[Optional[asyncio.TimerHandle]] = [None]
 
+    # Deadlines appear only at the restore (or the recovery), before this: a change can only remove one,
+    # and a timer that finds nothing expired sets the next.  Not rescheduled at every change: that scanned
+    # every restored unit at every Finish.
     def schedule_expiry() -> None:
-        if expiry[0] is not None:
-            expiry[0].cancel()
         wait = broker.next_expiry()
-        expiry[0] = loop.call_later(wait + 0.5, on_expiry) if wait is not None else None
+        if wait is not None:
+            loop.call_later(wait + 0.5, on_expiry)
 
     def on_expiry() -> None:
         broker.expire_orphans()
         schedule_expiry()
 
-    broker.listeners.append(schedule_expiry)
     schedule_expiry()
     if cfg.metrics_file:
         metrics_changed = asyncio.Event()
@@ -327,6 +328,8 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
             writer.write(metrics.render(sample))
         except OSError as e:
             log.warning("Failed to write %s: %s", cfg.metrics_file, e)
+        # A sample looks at every unit: a burst of changes (a Preserve per stopping unit) makes one.
+        await asyncio.sleep(METRICS_COALESCE_SEC)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(changed.wait(), RECHECK_SEC)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fcntl
+import itertools
 import logging
 import os
 import platform
@@ -32,20 +33,24 @@ from luo_systemd.errors import (
     LimitExceeded,
     LuoError,
     NoSuchSession,
+    NoSuchToken,
     NotFound,
     PreflightFailed,
     WrongPhase,
 )
 from luo_systemd.liveupdate import Backend, Device
-from luo_systemd.manifest import CarriedFd, CarriedUnit, FdKind, Manifest
+from luo_systemd.manifest import MAX_RECORDS_SIZE, CarriedFd, CarriedUnit, FdKind, Manifest
 from luo_systemd.ownedfd import OwnedFd
 from luo_systemd.policy import NoReturn, OnPreflightFailure, Policy, PreserveAt
 from luo_systemd.state import (
     HELD_KEY_PREFIX,
+    LOG_MAX,
     STATE_KEY_PREFIX,
     Entry,
     FdStore,
+    Globals,
     Held,
+    StateLog,
     UnitState,
     crash_point,
     read_all,
@@ -56,6 +61,7 @@ log = logging.getLogger("luod")
 T = TypeVar("T")
 
 MANIFEST_TOKEN = 0
+MANIFEST_SLACK = 64  # records a manifest session holds beyond twice its units before it is written whole
 
 
 class Phase(str, enum.Enum):
@@ -119,11 +125,14 @@ class Broker:
         self.update_count = 0
         self.supported = True  # whether /dev/liveupdate opened when status() last looked
         self.manifest_session: Optional[Held] = None
+        self._manifest_tokens = 0  # records in the manifest session luod created
+        self._carrying: set[str] = set()  # the units those records carry
+        self._manifest_synced = False  # whether they (or no session) are what the state carries
         self.problems: list[Problem] = []  # found at restore time, shown in status
         self.listeners: list[Callable[[], None]] = []  # called after every change
         self._next_key = 0
-        self._state: Optional[Held] = None
-        self._retired: list[str] = []  # keys whose fds we closed: they leave the fd store after the next snapshot
+        self._log = StateLog(store)
+        self._dirty: set[str] = set()  # units changed since the state was last logged
         self.last_try = True  # set by when_free: a busy device is reported rather than raised
         self._retrieved: dict[str, int] = {}  # incoming sessions a crashed predecessor retrieved, by name
 
@@ -154,12 +163,12 @@ class Broker:
         return held
 
     def _release(self, held: Optional[Held]) -> None:
-        """Closes our fd; its copy leaves the fd store only once a snapshot that does not name it is saved
+        """Closes our fd; its copy leaves the fd store only once a change that no longer names it is logged
         (invariant 1 of crash recovery)."""
         if held is not None:
             os.close(held.fd)
             if held.key:
-                self._retired.append(held.key)
+                self._log.retired.append(held.key)
 
     def _outgoing(self, fd: int) -> Held:
         """An outgoing session luod creates itself (a unit's, or the manifest's): not mirrored in the fd
@@ -176,7 +185,9 @@ class Broker:
             raise AccessDenied(f"{unit} has not opted in to live updates (it has no [X-LiveUpdate] section)")
         return policy
 
-    def _changed(self) -> None:
+    def _changed(self, *units: str) -> None:
+        """Logs the change of ``units`` (besides those the helpers below marked) and tells the listeners."""
+        self._dirty.update(units)
         self._save_state()
         for listener in self.listeners:
             listener()
@@ -252,13 +263,13 @@ class Broker:
                 state.stored = dict(sorted(state.stored.items(), key=lambda kv: kv[1].order))
                 self._preserve_unit(state, policy)
                 raise
-            self._write_manifest()
+            self._write_manifest(unit)
         for name, _, kind, _ in probed:
             old = before.get(name)
             if old is not None:
                 self._release(old.held)
             journal.event(journal.STORED, f"Stored {kind.value} '{name}' of {unit}", unit=unit, fdname=name)
-        self._changed()
+        self._changed(unit)
 
     def remove(self, caller: Caller, unit: str, fd_names: list[str]) -> None:
         unit = authz.authorize(caller, unit)
@@ -274,8 +285,8 @@ class Broker:
             # LUO cannot unpreserve one file: closing the session unpreserves all; preserve the rest again.
             self._drop_out_session(state)
             self._preserve_unit(state, self._policy(unit))
-            self._write_manifest()
-        self._changed()
+            self._write_manifest(unit)
+        self._changed(unit)
 
     def list_fds(self, caller: Caller, unit: str) -> list[FdInfo]:
         unit = authz.authorize(caller, unit)
@@ -312,10 +323,11 @@ class Broker:
         if state is None or state.finished:
             return False
         self._finish_unit(state)
-        self._changed()
+        self._changed(unit)
         return True
 
     def _finish_unit(self, state: UnitState) -> None:
+        self._dirty.add(state.unit)
         if state.in_session is not None:
             try:
                 self.backend.finish(state.in_session.fd)
@@ -340,7 +352,7 @@ class Broker:
         policy = self.policy_of(state.unit)
         if policy is not None and policy.preserve_at is PreserveAt.STORE and state.stored:
             self._preserve_unit(state, policy)
-            self._write_manifest()
+            self._write_manifest(state.unit)
         journal.event(journal.FINISHED, f"Finished the live update of {state.unit}", unit=state.unit)
 
     # -- client sessions (the LUOD model)
@@ -360,8 +372,8 @@ class Broker:
             with self.backend.device() as dev:
                 fd = OwnedFd(dev.create_session(names.client_session_name(unit, name).encode()))
             held = state.client_sessions[name] = self._hold(fd)
-            self._write_manifest()
-            self._changed()
+            self._write_manifest(unit)
+            self._changed(unit)
         return os.dup(held.fd)
 
     def retrieve_session(self, caller: Caller, unit: str, name: str) -> int:
@@ -382,8 +394,8 @@ class Broker:
         if not self.armed or state is None or not state.stored or unit in self.left_out:
             return len(state.preserved) if state else 0
         self._preserve_unit(state, self._policy(unit))
-        self._write_manifest()
-        self._changed()
+        self._write_manifest(unit)
+        self._changed(unit)
         return len(state.preserved)
 
     def _preserve_unit(self, state: UnitState, policy: Policy) -> None:
@@ -393,7 +405,7 @@ class Broker:
             wanted = ()  # its fds stay held and go at the kexec, as at an ordinary reboot
         if state.out_session is not None and state.preserved == wanted:
             return
-        self._drop_out_session(state)
+        self._drop_out_session(state)  # marks the unit changed
         if not wanted:
             return
         with self.backend.device() as dev:
@@ -417,55 +429,93 @@ class Broker:
         journal.event(journal.PRESERVED, f"Preserved {len(wanted)} fd(s) of {state.unit}", unit=state.unit)
 
     def _drop_out_session(self, state: UnitState) -> None:
+        self._dirty.add(state.unit)
         self._release(state.out_session)
         state.out_session = None
         state.preserved = ()
 
-    def manifest(self) -> Manifest:
-        units = []
-        left_out = self.left_out
-        for state in self.units.values():
-            if state.unit in left_out:
-                continue
-            fds = [
-                CarriedFd(n, FdKind.MEMFD, state.stored[n].order, token=t)
-                for t, n in enumerate(state.preserved, start=1)
-            ]
-            sessions = [e for e in state.stored.values() if e.kind is FdKind.SESSION]
-            policy = self.policy_of(state.unit) if sessions else None  # a file read: only where it matters
-            fds += [
-                CarriedFd(e.name, FdKind.SESSION, e.order, session=e.session)
-                for e in sessions
-                if policy is None or policy.carries(e.name)
-            ]
-            clients = tuple((n, names.client_session_name(state.unit, n)) for n in state.client_sessions)
-            if fds or clients:
-                session = names.unit_session_name(state.unit) if state.out_session else ""
-                units.append(CarriedUnit(state.unit, session, tuple(sorted(fds, key=lambda f: f.order)), clients))
-        return Manifest(self.update_count + 1, time.time_ns() // 1000, platform.release(), tuple(units))
+    def _carried(self, unit: str, left_out: frozenset[str]) -> Optional[CarriedUnit]:
+        """What the next live update carries of a unit, for the manifest (None: nothing, or left out)."""
+        state = self.units.get(unit)
+        if state is None or unit in left_out:
+            return None
+        fds = [
+            CarriedFd(n, FdKind.MEMFD, state.stored[n].order, token=t) for t, n in enumerate(state.preserved, start=1)
+        ]
+        sessions = [e for e in state.stored.values() if e.kind is FdKind.SESSION]
+        policy = self.policy_of(state.unit) if sessions else None  # a file read: only where it matters
+        fds += [
+            CarriedFd(e.name, FdKind.SESSION, e.order, session=e.session)
+            for e in sessions
+            if policy is None or policy.carries(e.name)
+        ]
+        clients = tuple((n, names.client_session_name(state.unit, n)) for n in state.client_sessions)
+        if not fds and not clients:
+            return None
+        session = names.unit_session_name(state.unit) if state.out_session else ""
+        return CarriedUnit(state.unit, session, tuple(sorted(fds, key=lambda f: f.order)), clients)
 
-    def _write_manifest(self) -> None:
-        """Replaces the session 'luod' by one whose token 0 is the current manifest (a sealed memfd)."""
+    def _manifest_record(self, units: tuple[CarriedUnit, ...]) -> Manifest:
+        return Manifest(self.update_count + 1, time.time_ns() // 1000, platform.release(), units)
+
+    def manifest(self) -> Manifest:
+        """The whole manifest the next live update would carry."""
+        left_out = self.left_out
+        return self._manifest_record(tuple(c for c in (self._carried(u, left_out) for u in self.units) if c))
+
+    def _write_manifest(self, *units: str) -> None:
+        """Brings the manifest session 'luod' up to date.  With ``units`` (all that changed): one record of
+        theirs at the next token (manifest.py).  Without, once the records outnumber twice the units carried
+        (plus a floor), or after a failure: a new session whose token 0 is the whole manifest, so that a
+        change costs what changed, amortised.  None carried: no session."""
+        if units and self._manifest_synced:
+            left_out = self.left_out
+            record = tuple(c for c in (self._carried(u, left_out) for u in units) if c)
+            gone = tuple(u for u in units if u in self._carrying and u not in {c.unit for c in record})
+            if not record and not gone:
+                return  # carried neither before nor now
+            carrying = {*self._carrying, *(c.unit for c in record)}.difference(gone)
+            if (
+                self.manifest_session is not None
+                and carrying
+                and self._manifest_tokens <= 2 * len(carrying) + MANIFEST_SLACK
+            ):
+                try:
+                    self._preserve_manifest(self._manifest_tokens, self._manifest_record(record).encode(gone))
+                except (KernelError, OSError):
+                    self._drop_manifest()  # never a manifest wrong about a unit: none until written whole
+                    raise
+                self._manifest_tokens += 1
+                self._carrying = carrying
+                return
         manifest = self.manifest()
-        self._release(self.manifest_session)
-        self.manifest_session = None
-        if not manifest.units:
-            return
-        fd = sealed_memfd("luod-manifest", manifest.encode())
-        try:
+        self._drop_manifest()
+        if manifest.units:
             with self.backend.device() as dev:
-                session = self._outgoing(dev.create_session(names.MANIFEST_SESSION.encode()))
+                self.manifest_session = self._outgoing(dev.create_session(names.MANIFEST_SESSION.encode()))
                 crash_point("created the manifest session")
             try:
-                self.backend.preserve_fd(session.fd, fd, MANIFEST_TOKEN)
-                crash_point("preserved the manifest")
-            except KernelError:
-                self._release(session)
+                self._preserve_manifest(MANIFEST_TOKEN, manifest.encode())
+            except (KernelError, OSError):
+                self._drop_manifest()
                 raise
+            self._manifest_tokens, self._carrying = 1, {u.unit for u in manifest.units}
+            journal.event(journal.MANIFEST, f"Manifest written: {len(manifest.units)} unit(s) to carry")
+        self._manifest_synced = True
+
+    def _drop_manifest(self) -> None:
+        self._release(self.manifest_session)
+        self.manifest_session, self._manifest_tokens, self._carrying = None, 0, set()
+        self._manifest_synced = False
+
+    def _preserve_manifest(self, token: int, record: bytes) -> None:
+        assert self.manifest_session is not None
+        fd = sealed_memfd("luod-manifest", record)
+        try:
+            self.backend.preserve_fd(self.manifest_session.fd, fd, token)
+            crash_point(f"preserved the manifest's token {token}")
         finally:
             os.close(fd)
-        self.manifest_session = session
-        journal.event(journal.MANIFEST, f"Manifest written: {len(manifest.units)} unit(s) to carry")
 
     def preflight(self, caller: Caller = AGENT, open_device: bool = True) -> list[Problem]:
         """Everything that would make a live update lose data, found before anything is stopped.  A caller
@@ -589,8 +639,8 @@ class Broker:
         for held in state.held():
             self._release(held)
         remove_file(self.env_file(unit))
-        self._write_manifest()
-        self._changed()
+        self._write_manifest(unit)
+        self._changed(unit)
         log.info("Discarded everything held for %s", unit, extra=journal.about(unit))
 
     def status(self, caller: Caller) -> AgentStatus:
@@ -630,7 +680,7 @@ class Broker:
         """At start-up: takes over what the previous kernel's agent carried.  None on a cold boot.
 
         Sessions a predecessor retrieved before it crashed come from the fd store (``recover``): the
-        kernel gives a session only once.  The manifest's session is finished last, after a snapshot
+        kernel gives a session only once.  The manifest's session is finished last, after the log
         holds everything restored (invariant 3)."""
         with self.backend.device(self.config.busy_retries) as dev:
             try:
@@ -683,6 +733,7 @@ class Broker:
 
     def _restore_unit(self, dev: Device, carried: CarriedUnit) -> None:
         state = self._unit(carried.unit)
+        self._dirty.add(state.unit)
         state.finished, state.restored_at = False, self.clock()
         if carried.session:
             state.in_session = self._hold(OwnedFd(self._retrieve_session(dev, carried.session)))
@@ -739,30 +790,18 @@ class Broker:
         ]
         return min(waits, default=None)
 
-    # -- surviving an agent crash: a snapshot of the state in the fd store, next to the fds
+    # -- surviving an agent crash: a log of the state in the fd store, next to the fds (state.py)
 
     def _save_state(self) -> None:
-        self._next_key += 1
+        self._next_key += 1  # the key of a new log, if this change starts one
+        globals_ = Globals(self._next_key, self.armed, self.update_count, self.manifest_session)
         key = f"{STATE_KEY_PREFIX}{self._next_key}"
-        data = held_state.encode(
-            self._next_key, self.armed, self.update_count, self.manifest_session, self.problems, self.units
-        )
-        fd = sealed_memfd("luod-state", data)
-        # The new snapshot is in the store before the old one leaves it: a crash between keeps one.
-        self.fdstore.keep(key, fd)
-        crash_point("kept snapshot " + key)
-        old, self._state = self._state, Held(fd, key)
-        if old is not None:
-            os.close(old.fd)
-            self._retired.append(old.key)
-        for retired in self._retired:
-            self.fdstore.drop(retired)
-            crash_point("dropped " + retired)
-        self._retired.clear()
+        self._log.save(globals_, self.problems, self.units, self._dirty, key)
+        self._dirty.clear()
 
     def recover(self, fds: dict[str, int]) -> bool:
         """Rebuilds the state from the fds systemd handed back (LISTEN_FDNAMES).  False if there was no
-        snapshot: then the incoming sessions among the fds (a predecessor crashed while restoring) are kept
+        log: then the incoming sessions among the fds (a predecessor crashed while restoring) are kept
         for ``restore``, by name."""
         states = sorted(
             (k for k in fds if k.startswith(STATE_KEY_PREFIX)), key=lambda k: int(k[len(STATE_KEY_PREFIX) :])
@@ -771,18 +810,18 @@ class Broker:
             for key, fd in fds.items():
                 try:
                     self._retrieved[self.backend.session_name(fd).decode()] = fd
-                    self._retired.append(key)  # held again under a new key by restore
+                    self._log.retired.append(key)  # held again under a new key by restore
                 except (KernelError, UnicodeDecodeError):
                     self.fdstore.drop(key)
                     os.close(fd)
             return False
-        got = held_state.decode(read_all(fds[states[-1]]), fds)
+        got = held_state.decode(read_all(fds[states[-1]], LOG_MAX), fds)
         used = got.used | {states[-1]}
         self._next_key, self.armed, self.update_count = got.next_key, got.armed, got.update_count
         self.manifest_session, self.problems, self.units = got.manifest_session, got.problems, got.units
-        self._state = Held(fds[states[-1]], states[-1])
+        self._log.adopt(Held(fds[states[-1]], states[-1]))
         for key, fd in fds.items():
-            if key not in used:  # older snapshots, or fds pushed just before a crash
+            if key not in used:  # older logs, or fds pushed just before a crash
                 self.fdstore.drop(key)
                 os.close(fd)
         log.info("Recovered the agent's state from its fd store: %d unit(s), %d fd(s)", len(self.units), len(used) - 1)
@@ -853,11 +892,24 @@ def describe_fd(fd: int) -> str:
 
 
 def read_manifest(backend: Backend, luod: int) -> Manifest:
-    fd = backend.retrieve_fd(luod, MANIFEST_TOKEN)
-    try:
-        return Manifest.decode(read_all(fd))
-    finally:
-        os.close(fd)
+    """The records of the incoming manifest session, token 0 on until a token is not there (manifest.py)."""
+    records: list[bytes] = []
+    size = 0
+    for token in itertools.count(MANIFEST_TOKEN):
+        try:
+            fd = backend.retrieve_fd(luod, token)
+        except NoSuchToken:
+            if token == MANIFEST_TOKEN:
+                raise
+            break
+        try:
+            records.append(read_all(fd))
+        finally:
+            os.close(fd)
+        size += len(records[-1])
+        if size > MAX_RECORDS_SIZE:
+            raise BadManifest(f"the manifest's records exceed {MAX_RECORDS_SIZE} bytes")
+    return Manifest.replay(records)
 
 
 def write_env_file(path: str, update_count: int) -> None:

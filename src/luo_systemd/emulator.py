@@ -15,6 +15,7 @@ Unix socket with the ioctl request numbers and argument structs of ``uapi``; fil
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import dataclasses
 import errno
@@ -26,7 +27,6 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Iterable
 from typing import Any, Optional
 
 from luo_systemd import syscalls, uapi
@@ -120,6 +120,9 @@ class EmulatedLuo:
         self.outgoing: dict[bytes, Session] = {}
         self.incoming: dict[bytes, Session] = {}
         self.by_client_inode: dict[Inode, Session] = {}
+        # Files preserved in an outgoing or an unfinished incoming session, by inode: PRESERVE_FD of one
+        # gives EBUSY.  Counted, not searched: the kernel's check does not grow with what it holds.
+        self.busy: collections.Counter[Inode] = collections.Counter()
         self.loaded: Optional[LoadedKernel] = None
         self.warnings: list[str] = []
 
@@ -163,17 +166,17 @@ class EmulatedLuo:
             self.finish(session)  # closing a retrieved session is an implicit FINISH
             del self.incoming[session.name]
         else:
-            session.drop_files()  # closing an outgoing session unpreserves its files
+            self._drop_files(session)  # closing an outgoing session unpreserves its files
             del self.outgoing[session.name]
 
     # -- files
 
-    def busy_inodes(self) -> Iterable[Inode]:
-        for s in self.outgoing.values():
-            yield from (f.inode for f in s.files.values())
-        for s in self.incoming.values():
-            if not s.finished:
-                yield from (f.inode for f in s.files.values())
+    def _drop_files(self, session: Session) -> None:
+        for f in session.files.values() if not session.finished else ():
+            self.busy[f.inode] -= 1
+            if not self.busy[f.inode]:
+                del self.busy[f.inode]
+        session.drop_files()
 
     def preserve_fd(self, session: Session, fd: int, token: int) -> None:
         if session.incoming:
@@ -185,7 +188,7 @@ class EmulatedLuo:
         if not syscalls.is_memfd_like(fd):
             raise Fail(errno.ENOENT)  # no file handler for this kind of file
         inode = inode_of(fd)
-        if inode in set(self.busy_inodes()):
+        if self.busy[inode]:
             raise Fail(errno.EBUSY)
         size = os.fstat(fd).st_size
         if size:
@@ -198,6 +201,7 @@ class EmulatedLuo:
                 if e.errno not in (errno.EPERM, errno.EBADF):
                     raise Fail(e.errno or errno.EIO) from None
         session.files[token] = HeldFile(token=token, fd=os.dup(fd), inode=inode, size_at_preserve=size)
+        self.busy[inode] += 1
 
     def retrieve_fd(self, session: Session, token: int) -> int:
         held = session.files.get(token)
@@ -211,8 +215,8 @@ class EmulatedLuo:
             raise Fail(errno.EINVAL)  # not seen on a kernel: only incoming sessions are finished
         if session.finished:
             return
+        self._drop_files(session)  # files not retrieved are discarded; retrieved ones live on in their fds
         session.finished = True
-        session.drop_files()  # files not retrieved are discarded; retrieved ones live on in their fds
 
     # -- kexec
 
@@ -241,6 +245,7 @@ class EmulatedLuo:
         self.by_client_inode.clear()
         self.outgoing = {}
         self.incoming = {s.name: dataclasses.replace(s, incoming=True, client_inode=None) for s in carried}
+        self.busy = collections.Counter(f.inode for s in carried for f in s.files.values())
         self.boot += 1
         self.enabled = cmdline_enables_luo(kernel.cmdline) if kernel else self.cold_boot_luo
         self.loaded = None
@@ -403,11 +408,8 @@ class EmulatorServer:
         except OSError:
             pass  # the client went away; its request took effect, as an ioctl would have
         finally:
-            if reply_fd is not None and not self._is_held(reply_fd):
+            if reply_fd is not None:
                 os.close(reply_fd)
-
-    def _is_held(self, fd: int) -> bool:
-        return any(held.fd == fd for s in self.luo.incoming.values() for held in s.files.values())
 
     def _dispatch(
         self, conn: socket.socket, request: int, payload: bytes, fds: list[int]
@@ -463,8 +465,8 @@ class EmulatorServer:
             luo.preserve_fd(session, fds[1], arg.token)
             return bytes(arg), None
         if op == Ioctl.SESSION_RETRIEVE_FD:
-            fd = luo.retrieve_fd(session, arg.token)
-            return bytes(arg), fd
+            # A dup, closed once sent, like every fd a reply carries: the session keeps its own reference.
+            return bytes(arg), os.dup(luo.retrieve_fd(session, arg.token))
         if op == Ioctl.SESSION_FINISH:
             if arg.reserved:
                 raise Fail(errno.EINVAL)

@@ -83,8 +83,11 @@ async def keep_blocking(broker: Broker, loader: Loader, block: ShutdownBlock, ch
         while True:
             changed.clear()
             try:
-                loaded, problems = await recheck(broker, loader)
-                why = block_reason(broker.armed, loaded, problems)
+                if broker.armed:  # an update under way blocks nothing: no pre-flight at every unit's Preserve
+                    why = None
+                else:
+                    loaded, problems = await recheck(broker, loader)
+                    why = block_reason(broker.armed, loaded, problems)
             except (LuoError, OSError) as e:
                 log.warning("Pre-flight re-check failed: %s", e)
                 why = block.why

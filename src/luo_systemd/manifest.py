@@ -1,8 +1,13 @@
 """The manifest: what the agent carried across the kexec, stored inside LUO itself.
 
 The kernel lists nothing, so the agent records every unit, fd name, kind, token, session name and order in
-a sealed memfd at token 0 of its own session ``luod``.  The format is versioned; a manifest the agent does
-not understand is refused, never guessed at.
+its own session ``luod``: sealed memfds at tokens 0, 1, 2, ..., each a record.  A session cannot drop a
+file, so a change appends a record of the units it touched (``Manifest.encode(gone)``): later records
+replace a unit of the same name, and ``gone`` takes units back.  Token 0 holds the whole manifest of the
+moment the session was created; the agent starts a new session once the records outnumber the units
+(``Broker._write_manifest``), so writing the manifest costs what changed, not what is carried.  Version 1
+(one document at token 0, by luo-systemd before the records) is still read.  A manifest the agent does not
+understand is refused, never guessed at.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from luo_systemd.errors import BadManifest, InvalidName
 from luo_systemd.names import SESSION_NAME_MAX, check_client_session_name, check_fd_name, check_unit_name
 
 FORMAT = "io.liveupdate.manifest"
-VERSION = 1
-MAX_SIZE = 16 << 20
+VERSION = 2
+READS = (1, VERSION)  # the versions this agent restores from
+MAX_SIZE = 16 << 20  # one record
+MAX_RECORDS_SIZE = 4 * MAX_SIZE  # all the records of a session
 
 
 class FdKind(str, enum.Enum):
@@ -49,13 +56,15 @@ class Manifest:
     kernel: str  # release of the kernel that wrote it
     units: tuple[CarriedUnit, ...] = ()
 
-    def encode(self) -> bytes:
+    def encode(self, gone: tuple[str, ...] = ()) -> bytes:
+        """A record: these units (replacing any of the same name in earlier records), and the units ``gone``."""
         doc = {
             "format": FORMAT,
             "version": VERSION,
             "update_count": self.update_count,
             "written_usec": self.written_usec,
             "kernel": self.kernel,
+            "gone": list(gone),
             "units": [
                 {
                     "unit": u.unit,
@@ -73,26 +82,52 @@ class Manifest:
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
-        try:
-            doc = json.loads(data)
-        except (ValueError, RecursionError) as e:
-            raise BadManifest(f"manifest is not JSON: {e}") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise BadManifest("manifest has no 'format: io.liveupdate.manifest'")
-        if doc.get("version") != VERSION:
-            raise BadManifest(
-                f"manifest version {doc.get('version')!r} is not understood (this agent reads version {VERSION}); "
-                "it was written by a different luo-systemd"
-            )
-        try:
-            return cls(
-                update_count=_int(doc["update_count"]),
-                written_usec=_int(doc["written_usec"]),
-                kernel=_str(doc["kernel"]),
-                units=tuple(_unit(u) for u in doc["units"]),
-            )
-        except (KeyError, TypeError, ValueError, InvalidName) as e:
-            raise BadManifest(f"manifest is malformed: {e!r}") from None
+        return cls.replay([data])
+
+    @classmethod
+    def replay(cls, records: list[bytes]) -> Manifest:
+        """The manifest a session's records make, token 0 first: the header of the last record, each unit as
+        the last record that names it left it."""
+        units: dict[str, CarriedUnit] = {}
+        header: dict[str, Any] = {}
+        first = 0
+        for token, data in enumerate(records):
+            doc = _document(data)
+            version = doc["version"]
+            first = first or version
+            if token > 0 and (first, version) != (VERSION, VERSION):
+                raise BadManifest(f"manifest record {token} (version {version}) follows a version {first} record")
+            try:
+                for unit in doc["gone"] if version == VERSION else ():
+                    units.pop(check_unit_name(_str(unit)), None)
+                for carried in map(_unit, doc["units"]):
+                    units[carried.unit] = carried
+                header = {
+                    "update_count": _int(doc["update_count"]),
+                    "written_usec": _int(doc["written_usec"]),
+                    "kernel": _str(doc["kernel"]),
+                }
+            except (KeyError, TypeError, ValueError, InvalidName) as e:
+                raise BadManifest(f"manifest is malformed: {e!r}") from None
+        if not header:
+            raise BadManifest("manifest has no record")
+        return cls(units=tuple(units.values()), **header)
+
+
+def _document(data: bytes) -> dict[str, Any]:
+    """A record's JSON, of a format and version this agent reads."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise BadManifest(f"manifest is not JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise BadManifest("manifest has no 'format: io.liveupdate.manifest'")
+    if doc.get("version") not in READS:
+        raise BadManifest(
+            f"manifest version {doc.get('version')!r} is not understood (this agent reads versions "
+            f"{' and '.join(map(str, READS))}); it was written by a different luo-systemd"
+        )
+    return doc
 
 
 def _int(v: Any) -> int:

@@ -1,19 +1,34 @@
 """What luod holds for the units, and how that survives a crash of luod (docs/crash-consistency.md).
 
 Every fd luod holds for a unit is an ``Entry`` or a session ``Held`` in a ``UnitState``; each is mirrored
-in luod's own systemd fd store under its key, next to a sealed memfd holding a JSON snapshot of the state.
+in luod's own systemd fd store under its key, next to a memfd holding the state's log (``StateLog``).
 The invariants, which the crash test (tests/test_crash.py) checks at every step boundary:
 
-1. Snapshot before release: a new snapshot enters the fd store before the old one leaves, and an fd
-   leaves the fd store only after a snapshot that no longer names it is saved.  So the newest snapshot
-   in the fd store finds every fd it names.
+1. Logged before release: a change is in the log in the fd store before an fd it no longer names leaves
+   the fd store.  So the newest log in the fd store finds every fd its state names.
 2. Outgoing sessions are derived state: the sessions luod creates itself (``luod/UNIT``, the manifest's
    ``luod``) are not mirrored (key "").  Their names must be free to create them again, and the kernel
    preserves a file in one session only.  A crash closes them; recovery creates them again from the state.
-3. Restore finishes last: after a kexec the incoming manifest session is finished only after a snapshot
+3. Restore finishes last: after a kexec the incoming manifest session is finished only after the log
    holds everything restored; incoming sessions a crashed luod retrieved are found in the fd store by name.
 
-The snapshot is read back as untrusted input: every type, name and key is checked (``decode``).
+Why a log: writing the whole state after every change costs what luod holds, not what changed (at
+10,000 fds a Preserve of ten wrote a megabyte).  A log appends one record per change holding only the
+units it touched (a unit is the unit of every operation: its fds are bounded by FileDescriptorMax=, and
+Preserve, Finish and Discard act on all of them) and the few global fields.  The first record of a log is
+a full snapshot; once the records appended exceed the snapshot's size (and a floor), the next change
+starts a new log with a new snapshot, so the cost of a change stays proportional to what changed,
+amortised.  One memfd per log, not a snapshot and a log side by side: the newest log alone is the state,
+so switching logs is one FDSTORE=1 and no pair can be half replaced.  Per-unit files were the other
+choice; they would cost an fd-store round trip per unit changed, and the global fields would need their
+own file and an order between them.
+
+A record is framed (little-endian u32 payload length, u32 CRC-32 of the payload, then JSON) and written
+with one ``pwrite`` at the end of the log.  A SIGKILL inside that write leaves a prefix of the record
+(tmpfs grows the file only over copied bytes): a log that ends inside a record ends at the record before,
+which was the last acknowledged change.  A complete record with a wrong checksum cannot come from a
+crash: it is refused as ``BadManifest``, never replayed.  The log is read back as untrusted input: every
+type, name and key is checked (``decode``).
 """
 
 from __future__ import annotations
@@ -23,6 +38,9 @@ import fcntl
 import json
 import os
 import signal
+import struct
+import zlib
+from collections.abc import Iterable
 from typing import Any, Optional, Protocol
 
 from luo_systemd.api import Problem
@@ -31,9 +49,12 @@ from luo_systemd.manifest import MAX_SIZE, FdKind
 from luo_systemd.names import check_client_session_name, check_fd_name, check_unit_name
 from luo_systemd.ownedfd import OwnedFd
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 STATE_KEY_PREFIX = "luod-state-"
 HELD_KEY_PREFIX = "luod-fd-"
+RECORD_HEADER = struct.Struct("<II")  # payload length, CRC-32 of the payload
+COMPACT_FLOOR = 64 << 10  # a log this small is never compacted: appends to it are cheap either way
+LOG_MAX = 2 * MAX_SIZE + 2 * COMPACT_FLOOR  # a log is compacted before it doubles its snapshot
 
 
 class FdStore(Protocol):
@@ -99,9 +120,19 @@ class UnitState:
         return out + [h for h in (self.out_session, self.in_session) if h is not None]
 
 
+@dataclasses.dataclass(frozen=True)
+class Globals:
+    """The state beside the units: small, written in every record."""
+
+    next_key: int
+    armed: bool
+    update_count: int
+    manifest_session: Optional[Held]
+
+
 @dataclasses.dataclass
 class Recovered:
-    """A snapshot read back, its fds attached."""
+    """A log read back, its fds attached."""
 
     next_key: int
     armed: bool
@@ -109,49 +140,94 @@ class Recovered:
     manifest_session: Optional[Held]
     problems: list[Problem]
     units: dict[str, UnitState]
-    preserved_units: list[str]  # units whose outgoing session held files when the snapshot was taken
-    used: set[str]  # the fd store keys the snapshot names
+    preserved_units: list[str]  # units whose outgoing session held files when the change was logged
+    used: set[str]  # the fd store keys the state names
 
 
-def encode(
-    next_key: int,
-    armed: bool,
-    update_count: int,
-    manifest_session: Optional[Held],
-    problems: list[Problem],
-    units: dict[str, UnitState],
-) -> bytes:
+def _key(h: Optional[Held]) -> Optional[str]:
+    return h.key if h and h.key else None  # outgoing sessions are not in the fd store (invariant 2)
+
+
+def _unit_doc(s: UnitState) -> dict[str, object]:
     def entry(e: Entry) -> dict[str, object]:
         return {"name": e.name, "kind": e.kind.value, "order": e.order, "key": e.held.key, "session": e.session}
 
-    def key(h: Optional[Held]) -> Optional[str]:
-        return h.key if h and h.key else None  # outgoing sessions are not in the fd store (invariant 2)
-
-    doc = {
-        "version": STATE_VERSION,
-        "next_key": next_key,
-        "armed": armed,
-        "update_count": update_count,
-        "manifest_session": key(manifest_session),
-        "problems": [dataclasses.asdict(p) for p in problems],
-        "units": [
-            {
-                "unit": s.unit,
-                "stored": [entry(e) for e in s.stored.values()],
-                "next_order": s.next_order,
-                "out_session": key(s.out_session),
-                "preserved": list(s.preserved),
-                "client_sessions": {n: h.key for n, h in s.client_sessions.items()},
-                "restored": [entry(e) for e in s.restored.values()],
-                "in_session": key(s.in_session),
-                "restored_client_sessions": {n: h.key for n, h in s.restored_client_sessions.items()},
-                "restored_at": s.restored_at,
-                "finished": s.finished,
-            }
-            for s in units.values()
-        ],
+    return {
+        "unit": s.unit,
+        "stored": [entry(e) for e in s.stored.values()],
+        "next_order": s.next_order,
+        "out_session": _key(s.out_session),
+        "preserved": list(s.preserved),
+        "client_sessions": {n: h.key for n, h in s.client_sessions.items()},
+        "restored": [entry(e) for e in s.restored.values()],
+        "in_session": _key(s.in_session),
+        "restored_client_sessions": {n: h.key for n, h in s.restored_client_sessions.items()},
+        "restored_at": s.restored_at,
+        "finished": s.finished,
     }
-    return json.dumps(doc).encode()
+
+
+def encode_record(
+    globals_: Globals,
+    problems: Optional[list[Problem]],
+    units: Iterable[UnitState],
+    gone: Iterable[str] = (),
+    snapshot: bool = False,
+) -> bytes:
+    """One framed record: the global fields, the problems if they changed (None: they did not), the units
+    changed and the units gone.  A ``snapshot`` holds every unit and starts a log."""
+    doc: dict[str, object] = {
+        "next_key": globals_.next_key,
+        "armed": globals_.armed,
+        "update_count": globals_.update_count,
+        "manifest_session": _key(globals_.manifest_session),
+        "units": [_unit_doc(s) for s in units],
+        "gone": list(gone),
+    }
+    if snapshot:
+        doc["version"] = STATE_VERSION
+    if problems is not None:
+        doc["problems"] = [dataclasses.asdict(p) for p in problems]
+    payload = json.dumps(doc).encode()
+    return RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def replay(data: bytes) -> dict[str, Any]:
+    """The records of a log merged into one document (later records replace units by name).  A log that
+    ends inside a record ends at the record before (a write cut short by a crash, never acknowledged); a
+    complete record with a wrong checksum is refused."""
+    doc: dict[str, Any] = {"problems": []}
+    units: dict[str, Any] = {}
+    offset = 0
+    while len(data) - offset >= RECORD_HEADER.size:
+        length, crc = RECORD_HEADER.unpack_from(data, offset)
+        start, end = offset + RECORD_HEADER.size, offset + RECORD_HEADER.size + length
+        if end > len(data):
+            break  # the torn tail
+        payload = data[start:end]
+        if zlib.crc32(payload) != crc:
+            raise BadManifest(f"agent state log: the record at byte {offset} fails its checksum")
+        try:
+            record = json.loads(payload)
+        except (ValueError, RecursionError) as e:
+            raise BadManifest(f"agent state log: the record at byte {offset} is not JSON: {e}") from None
+        if not isinstance(record, dict) or (offset == 0) != ("version" in record):
+            raise BadManifest(f"agent state log: the record at byte {offset} is not a snapshot where it must be")
+        if offset == 0 and record["version"] != STATE_VERSION:
+            raise BadManifest(f"agent state version {record['version']!r} is not understood")
+        try:
+            for u in _typed(record.pop("units"), list):
+                units[_typed(_typed(u, dict)["unit"], str)] = u
+            for name in _typed(record.pop("gone"), list):
+                units.pop(_typed(name, str), None)
+        except KeyError as e:
+            raise BadManifest(f"agent state log is malformed: {e!r}") from None
+        doc.update(record)
+        offset = end
+    if offset == 0:
+        raise BadManifest("agent state log holds no complete record")
+    doc["units"] = list(units.values())
+    return doc
 
 
 def _typed(value: Any, kind: type) -> Any:
@@ -161,15 +237,8 @@ def _typed(value: Any, kind: type) -> Any:
 
 
 def decode(data: bytes, fds: dict[str, int]) -> Recovered:
-    """The snapshot ``data`` with the fds it names from ``fds`` (the fd store, by key)."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise BadManifest(f"agent state is not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
-        raise BadManifest(
-            f"agent state version {doc.get('version') if isinstance(doc, dict) else None!r} is not understood"
-        )
+    """The log ``data`` replayed, with the fds its state names from ``fds`` (the fd store, by key)."""
+    doc = replay(data)
     used: set[str] = set()
 
     def held(key: Any) -> Optional[Held]:
@@ -233,11 +302,8 @@ def decode(data: bytes, fds: dict[str, int]) -> Recovered:
 
 def sealed_memfd(name: str, data: bytes) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    write_all(fd, data, 0)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
-    os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
 
@@ -252,6 +318,80 @@ def read_all(fd: int, limit: int = MAX_SIZE) -> bytes:
             break
         out += chunk
     return bytes(out)
+
+
+class StateLog:
+    """luod's state in its fd store: the newest log, appended to in place (the fd store holds the same
+    file), and started anew with a snapshot when compaction is due."""
+
+    def __init__(self, store: FdStore) -> None:
+        self.store = store
+        self.log: Optional[Held] = None
+        self.size = 0  # bytes in the log
+        self.snapshot_size = 0  # bytes of its first record
+        self.problems: list[Problem] = []  # as the log holds them
+        self.fresh = True  # the next save starts a new log: none yet, a predecessor's, or a failed append
+        self.retired: list[str] = []  # keys whose fds are closed: they leave the fd store after the next save
+
+    def adopt(self, held: Held) -> None:
+        """The log a crashed predecessor left: the next save starts a new one and retires it."""
+        self.log, self.fresh = held, True
+
+    def save(
+        self, globals_: Globals, problems: list[Problem], units: dict[str, UnitState], changed: set[str], key: str
+    ) -> None:
+        """Logs the units ``changed`` since the last save (those no longer in ``units`` as gone), or starts a
+        new log under ``key``; then the retired fds leave the fd store (invariant 1)."""
+        if self.fresh or self.size - self.snapshot_size > max(self.snapshot_size, COMPACT_FLOOR):
+            self._start(encode_record(globals_, problems, units.values(), snapshot=True), key)
+        else:
+            assert self.log is not None
+            record = encode_record(
+                globals_,
+                problems if problems != self.problems else None,
+                [units[u] for u in changed if u in units],
+                [u for u in changed if u not in units],
+            )
+            self._append(self.log.fd, record)
+            crash_point("logged to " + self.log.key)
+        self.problems = list(problems)
+        for retired in self.retired:
+            self.store.drop(retired)
+            crash_point("dropped " + retired)
+        self.retired.clear()
+
+    def _start(self, snapshot: bytes, key: str) -> None:
+        fd = os.memfd_create("luod-state", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            write_all(fd, snapshot, 0)
+            # Append-only from here: a record is only ever added after the last one.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        except OSError:
+            os.close(fd)
+            raise
+        # The new log is in the store before the old one leaves it: a crash between keeps one.
+        self.store.keep(key, fd)
+        crash_point("kept log " + key)
+        if self.log is not None:
+            os.close(self.log.fd)
+            self.retired.append(self.log.key)
+        self.log, self.size, self.snapshot_size, self.fresh = Held(fd, key), len(snapshot), len(snapshot), False
+
+    def _append(self, fd: int, record: bytes) -> None:
+        try:
+            write_all(fd, record, self.size)
+        except OSError:
+            # What was written is a torn tail, read back as the end of the log; no record may follow it.
+            self.fresh = True
+            raise
+        self.size += len(record)
+
+
+def write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 _crash_count = 0  # step boundaries this process has passed

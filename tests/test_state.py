@@ -1,0 +1,246 @@
+"""luod's state log (state.py): what it holds after every cut a crash can make, what it refuses, and that a
+change writes what changed; the same for the manifest's records in LUO.  The broker in-process on the
+emulator, its fd store a dict (as systemd keeps it); every step boundary of a real luod is
+tests/test_crash.py."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from luo_systemd import state
+from luo_systemd.api import Caller
+from luo_systemd.broker import Broker, BrokerConfig
+from luo_systemd.errors import BadManifest, KernelError
+from luo_systemd.policy import Policy, parse_policy
+from luo_systemd.state import RECORD_HEADER, STATE_KEY_PREFIX, decode, read_all, replay
+from tests.contract.scenarios import memfd
+from tests.harness import Emulator
+
+ROOT = Caller(uid=0, pid=os.getpid(), unit=None)
+POLICY = parse_policy(["[X-LiveUpdate]\nFileDescriptorMax=64\n"])
+AT_STORE = parse_policy(["[X-LiveUpdate]\nPreserveAt=store\n"])  # every Store writes the manifest
+
+
+class DictFdStore:
+    """What systemd's fd store does with FDSTORE=1 and FDSTOREREMOVE=1, and what was written to it."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+
+    def keep(self, key: str, fd: int) -> None:
+        self.fds[key] = os.dup(fd)
+
+    def drop(self, key: str) -> None:
+        os.close(self.fds.pop(key))
+
+    def log(self) -> tuple[str, bytes]:
+        """The newest log: its key and its bytes."""
+        keys = [k for k in self.fds if k.startswith(STATE_KEY_PREFIX)]
+        assert len(keys) == 1, keys  # a log leaves the store once its successor is in it
+        return keys[0], read_all(self.fds[keys[0]], state.LOG_MAX)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+@pytest.fixture
+def fdstore() -> Iterator[DictFdStore]:
+    store = DictFdStore()
+    yield store
+    store.close()
+
+
+def broker(emulator: Emulator, store: DictFdStore, env_dir: Path, policy: Policy = POLICY) -> Broker:
+    def policy_of(unit: str) -> Optional[Policy]:
+        return policy
+
+    return Broker(emulator.backend, policy_of, store, BrokerConfig(env_dir=str(env_dir)))
+
+
+def store_one(b: Broker, unit: str, name: str, content: bytes = b"x") -> None:
+    fd = memfd(name, content)
+    try:
+        b.store(ROOT, unit, [(name, fd)])
+    finally:
+        os.close(fd)
+
+
+def held(doc: dict[str, object]) -> dict[str, list[str]]:
+    """unit -> stored fd names, of a replayed log."""
+    units = doc["units"]
+    assert isinstance(units, list)
+    return {u["unit"]: [e["name"] for e in u["stored"]] for u in units}
+
+
+def records(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of every record of a log."""
+    out, offset = [], 0
+    while offset < len(data):
+        length, _ = RECORD_HEADER.unpack_from(data, offset)
+        out.append((offset, offset + RECORD_HEADER.size + length))
+        offset = out[-1][1]
+    return out
+
+
+def test_every_torn_tail_reads_as_the_change_before(emulator: Emulator, fdstore: DictFdStore, tmp_path: Path) -> None:
+    """A SIGKILL inside the append leaves a prefix of the record: at every byte of it, the log reads as the
+    state before that change (never acknowledged), and with all of it, as the state after."""
+    b = broker(emulator, fdstore, tmp_path)
+    store_one(b, "a.service", "one")
+    store_one(b, "b.service", "two")
+    _, before = fdstore.log()
+    store_one(b, "a.service", "three")
+    _, after = fdstore.log()
+    assert after.startswith(before) and len(records(after)) == len(records(before)) + 1, "appended in place"
+    assert held(replay(after)) == {"a.service": ["one", "three"], "b.service": ["two"]}
+    for cut in range(len(before), len(after)):
+        assert held(replay(after[:cut])) == {"a.service": ["one"], "b.service": ["two"]}, cut
+
+
+def test_a_damaged_record_is_refused_not_replayed(emulator: Emulator, fdstore: DictFdStore, tmp_path: Path) -> None:
+    b = broker(emulator, fdstore, tmp_path)
+    store_one(b, "a.service", "one")
+    store_one(b, "a.service", "two")
+    _, data = fdstore.log()
+    start, end = records(data)[-1]
+    damaged = bytearray(data)
+    damaged[end - 3] ^= 0x20  # inside the last record's JSON: whole, but not what was written
+    with pytest.raises(BadManifest, match=f"record at byte {start} fails its checksum"):
+        replay(bytes(damaged))
+    with pytest.raises(BadManifest, match="no complete record"):
+        replay(data[: records(data)[0][1] - 1])  # a log is in the store only once its snapshot is whole
+    not_first = data[start:end]
+    with pytest.raises(BadManifest, match="not a snapshot where it must be"):
+        replay(not_first)
+
+
+def test_a_change_writes_what_changed(emulator: Emulator, fdstore: DictFdStore, tmp_path: Path) -> None:
+    """The record of a change to one unit is as large with 200 units held as with 2."""
+    sizes = {}
+    for count in (2, 200):
+        b = broker(emulator, fdstore, tmp_path)
+        for i in range(count):
+            store_one(b, f"u{i}.service", "f")
+        _, before = fdstore.log()
+        store_one(b, "u0.service", "g")
+        _, after = fdstore.log()
+        sizes[count] = len(after) - len(before)
+        for i in range(count):
+            b.discard(ROOT, f"u{i}.service")
+        fdstore.close()
+        fdstore.fds.clear()
+    assert 0 < sizes[200] <= sizes[2] + 8, sizes  # the unit's name and the key's number may grow by digits
+
+
+def test_compaction_starts_a_new_log_and_recovery_reads_it(
+    emulator: Emulator, fdstore: DictFdStore, tmp_path: Path
+) -> None:
+    """Appends past the snapshot's size (and the floor) start a new log; the old one leaves the fd store
+    after the new one entered it; a luod started on the fd store finds what was acknowledged."""
+    b = broker(emulator, fdstore, tmp_path)
+    keys = set()
+    for i in range(600):
+        store_one(b, "a.service", f"f{i % 40}", f"{i}".encode())
+        key, data = fdstore.log()
+        keys.add(key)
+        assert len(data) <= 2 * max(len(data[: records(data)[0][1]]), state.COMPACT_FLOOR) + 4096
+    assert len(keys) > 2, "compacted more than once"
+    kept = DictFdStore()  # luod restarted: systemd keeps its fd store and hands luod copies
+    kept.fds = {k: os.dup(fd) for k, fd in fdstore.fds.items()}
+    again = broker(emulator, kept, tmp_path)
+    assert again.recover({k: os.dup(fd) for k, fd in kept.fds.items()})
+    assert kept.log()[0] not in keys, "recovery starts a new log"
+    listing = again.list_fds(ROOT, "a.service")
+    assert sorted(f.name for f in listing) == sorted(f"f{i}" for i in range(40))
+    restored = again.units["a.service"].stored["f39"].held.fd
+    assert os.pread(restored, 8, 0) == b"599"
+    kept.close()
+
+
+def test_a_failed_append_is_never_followed(
+    emulator: Emulator, fdstore: DictFdStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append that fails half-way (the memory cgroup full) leaves a torn tail; no record may follow it,
+    so the next change starts a new log."""
+    b = broker(emulator, fdstore, tmp_path)
+    store_one(b, "a.service", "one")
+    old_key, _ = fdstore.log()
+    real_pwrite = os.pwrite
+
+    def half_then_fail(fd: int, data: bytes, offset: int) -> int:
+        if len(data) > 8:
+            return real_pwrite(fd, bytes(data)[: len(data) // 2], offset)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", half_then_fail)
+    with pytest.raises(OSError):
+        store_one(b, "a.service", "two")
+    monkeypatch.undo()
+    _, torn = fdstore.log()
+    assert held(replay(torn)) == {"a.service": ["one"]}, "the refused call is not in the log"
+    store_one(b, "a.service", "three")
+    new_key, data = fdstore.log()
+    assert new_key != old_key and {"one", "three"} <= set(held(replay(data))["a.service"])
+    got = decode(data, fdstore.fds)
+    assert {"one", "three"} <= set(got.units["a.service"].stored), "every fd the new log names is in the store"
+
+
+def outgoing_files(emulator: Emulator) -> int:
+    outgoing = emulator.status()["outgoing"]
+    assert isinstance(outgoing, dict)
+    return int(outgoing["files"])
+
+
+def test_the_manifest_is_records_and_restores_whole(emulator: Emulator, fdstore: DictFdStore, tmp_path: Path) -> None:
+    """Each Store of a PreserveAt=store unit appends a record to the session luod; once the records
+    outnumber twice the units plus 64, the session is written whole again.  After the kexec the records
+    read back as the last state of every unit."""
+    b = broker(emulator, fdstore, tmp_path, AT_STORE)
+    for unit in ("a.service", "b.service", "c.service"):
+        store_one(b, unit, "mem", unit.encode())
+    most = 0
+    for i in range(200):
+        store_one(b, "a.service", "mem", f"a{i}".encode())
+        most = max(most, outgoing_files(emulator))
+    # The three units' memfds, and the manifest's records: never more than 2 * 3 + 64 + 1 of them.
+    assert 3 + 2 <= most <= 3 + 2 * 3 + 64 + 1, most
+    b.discard(ROOT, "c.service")  # a record naming it gone
+    emulator.live_update()
+    after = broker(emulator, DictFdStore(), tmp_path / "after", AT_STORE)
+    manifest = after.restore()
+    assert manifest is not None and sorted(u.unit for u in manifest.units) == ["a.service", "b.service"]
+    got = dict(after.retrieve(ROOT, "a.service", [], 10))
+    assert os.pread(got["mem"], 8, 0) == b"a199"
+    os.close(got["mem"])
+
+
+def test_a_failed_manifest_record_leaves_no_manifest_until_written_whole(
+    emulator: Emulator, fdstore: DictFdStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record that cannot be preserved must not leave a manifest that is wrong about the unit: the session
+    is closed, and the next change writes the whole manifest, other units included."""
+    b = broker(emulator, fdstore, tmp_path, AT_STORE)
+    store_one(b, "a.service", "mem", b"A")
+    store_one(b, "b.service", "mem", b"B")
+    real = b.backend.preserve_fd
+
+    def refuse_the_manifest(session: int, fd: int, token: int) -> None:
+        if session == (b.manifest_session.fd if b.manifest_session else None):
+            raise KernelError(f"Failed to preserve token {token}", 12, "out of memory")
+        real(session, fd, token)
+
+    monkeypatch.setattr(b.backend, "preserve_fd", refuse_the_manifest)
+    with pytest.raises(KernelError):
+        store_one(b, "a.service", "mem", b"A2")
+    assert b.manifest_session is None
+    monkeypatch.undo()
+    b.remove(ROOT, "a.service", ["mem"])  # a change of a.service alone
+    emulator.live_update()
+    manifest = broker(emulator, DictFdStore(), tmp_path / "after", AT_STORE).restore()
+    assert manifest is not None and [u.unit for u in manifest.units] == ["b.service"]
