@@ -16,6 +16,7 @@ from luo_systemd import state
 from luo_systemd.api import Caller
 from luo_systemd.broker import Broker, BrokerConfig
 from luo_systemd.errors import BadManifest, KernelError
+from luo_systemd.ownedfd import OwnedFd
 from luo_systemd.policy import Policy, parse_policy
 from luo_systemd.state import RECORD_HEADER, STATE_KEY_PREFIX, decode, read_all, replay
 from tests.contract.scenarios import memfd
@@ -64,11 +65,11 @@ def broker(emulator: Emulator, store: DictFdStore, env_dir: Path, policy: Policy
 
 
 def store_one(b: Broker, unit: str, name: str, content: bytes = b"x") -> None:
-    fd = memfd(name, content)
+    fd = OwnedFd(memfd(name, content))
     try:
-        b.store(ROOT, unit, [(name, fd)])
+        b.store(ROOT, unit, [(name, fd)])  # the broker takes it
     finally:
-        os.close(fd)
+        fd.close()  # a refused call leaves it to us
 
 
 def held(doc: dict[str, object]) -> dict[str, list[str]]:
