@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from luo_systemd.generator import hook_command
 from tests.harness import TOP, python_path
 
 NEVER = ("asyncio", "dbus_next", "ctypes", "hashlib", "ssl", "dataclasses", "subprocess", "sysconfig")
@@ -25,7 +26,7 @@ sys.argv = sys.argv[1:]
 with open(sys.argv[0]) as f:
     code = compile(f.read(), sys.argv[0], "exec")
 try:
-    exec(code, {"__name__": "__main__"})
+    exec(code, {"__name__": "__main__", "__file__": sys.argv[0]})
 except SystemExit:
     pass
 sys.stdout.write("\\n".join(sorted(set(sys.modules) - before)))
@@ -42,10 +43,9 @@ def loaded(argv: list[str], env: dict[str, str]) -> set[str]:
 
 
 @pytest.fixture
-def hook_script(tmp_path: Path) -> str:
-    script = tmp_path / "luo-hook"
-    script.write_text("import sys\nfrom luo_systemd.hook import main\nsys.exit(main(sys.argv))\n")
-    return str(script)
+def hook_script() -> str:
+    """The file the generator's drop-ins run (``python3 -I -S .../hook.py VERB UNIT``)."""
+    return hook_command().split()[-1]
 
 
 @pytest.mark.parametrize(

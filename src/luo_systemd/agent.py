@@ -8,7 +8,6 @@ See luod(8).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import importlib
@@ -31,7 +30,6 @@ from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
 from luo_systemd.policy import DROPIN, Policy, parse_policy
 from luo_systemd.service_manager import listen_fds
 from luo_systemd.state import FdStore, NoFdStore
-from luo_systemd.verify import last_update_of, write_last_update
 
 if TYPE_CHECKING:
     import asyncio
@@ -198,6 +196,8 @@ def start(cfg: config.Config) -> tuple[Broker, Loader, socket.socket]:
             log.warning("Nothing restored: %s", e)
             manifest = None
         if manifest is not None:
+            from luo_systemd.verify import last_update_of, write_last_update  # noqa: PLC0415 - after live updates only
+
             log.info("Live update %d: restored %d unit(s)", manifest.update_count, len(manifest.units))
             write_last_update(cfg.last_update_file, last_update_of(manifest))
     return broker, loader, activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
@@ -344,13 +344,24 @@ def activated_or_bound(fds: Optional[list[int]], path: str) -> socket.socket:
     return sock
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def config_arguments(argv: list[str]) -> Optional[list[str]]:
+    """The --config files of luod's command line (None: the standard ones).  luod.service passes no
+    arguments, and argparse costs luod's start, which every opted-in unit waits for, several milliseconds."""
+    if not argv:
+        return None
+    import argparse  # noqa: PLC0415
+
     parser = argparse.ArgumentParser(prog="luod", description="The live-update agent (see luod(8)).")
     parser.add_argument("--config", action="append", help="read this file instead of the standard ones")
-    args = parser.parse_args(argv)
+    files: Optional[list[str]] = parser.parse_args(argv).config
+    return files
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    files = config_arguments(sys.argv[1:] if argv is None else argv)
     journal.setup("luod")
     try:
-        cfg = config.load(args.config or config.config_files())
+        cfg = config.load(files or config.config_files())
     except LuoError as e:
         log.error("Bad configuration: %s", e)
         return 1

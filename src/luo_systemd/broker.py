@@ -14,7 +14,6 @@ import enum
 import fcntl
 import logging
 import os
-import platform
 import stat
 import time
 from typing import Callable, Optional, TypeVar
@@ -442,7 +441,7 @@ class Broker:
             if fds or clients:
                 session = names.unit_session_name(state.unit) if state.out_session else ""
                 units.append(CarriedUnit(state.unit, session, tuple(sorted(fds, key=lambda f: f.order)), clients))
-        return Manifest(self.update_count + 1, time.time_ns() // 1000, platform.release(), tuple(units))
+        return Manifest(self.update_count + 1, time.time_ns() // 1000, os.uname().release, tuple(units))
 
     def _write_manifest(self) -> None:
         """Replaces the session 'luod' by one whose token 0 is the current manifest (a sealed memfd)."""
