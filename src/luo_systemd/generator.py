@@ -9,13 +9,17 @@ it runs at every boot and every daemon-reload, before units load.
 from __future__ import annotations
 
 import os
-import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple, Optional
 
 from luo_systemd.errors import LuoError
+from luo_systemd.names import UNIT_NAME_CHARS
 from luo_systemd.policy import DROPIN, SECTION, FinishMode, Policy, RestoreMode, parse_policy, read_unit_lines
+from luo_systemd.records import NamedTuple
+
+TYPE_CHECKING = False  # typing and re cost more than the generator's work (luo_systemd.records)
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+    from typing import Optional
 
 NAME = "luo-systemd-generator"
 AGENT_UNIT = "luod.service"
@@ -40,7 +44,7 @@ FDSTORE_PRESERVE_SINCE = 254
 NATIVE_LUO_SINCE = 261
 
 
-class UnitFiles(NamedTuple):  # NamedTuples, not dataclasses: see policy.Policy
+class UnitFiles(NamedTuple):  # not a dataclass: see luo_systemd.records
     """A unit's fragment and drop-ins, in the order systemd applies them."""
 
     name: str
@@ -155,7 +159,12 @@ def unit_path(environ: Mapping[str, str]) -> list[str]:
     return dirs + list(defaults) if custom.endswith(":") else dirs
 
 
-UNIT_FILE_RE = re.compile(r"^[A-Za-z0-9:_.\\@-]+\.(service|socket|mount|swap|path|timer)$")
+UNIT_FILE_TYPES = ("service", "socket", "mount", "swap", "path", "timer")  # the types that have [X-LiveUpdate]
+
+
+def is_unit_file(name: str) -> bool:
+    stem, dot, unit_type = name.rpartition(".")
+    return bool(dot and stem) and unit_type in UNIT_FILE_TYPES and UNIT_NAME_CHARS.issuperset(stem.replace("@", ""))
 
 
 def collect_units(dirs: Sequence[str]) -> list[UnitFiles]:
@@ -174,7 +183,7 @@ def collect_units(dirs: Sequence[str]) -> list[UnitFiles]:
                 continue
             if entry.name.endswith(".d"):
                 dropin_dirs.setdefault(entry.name[:-2], []).append(entry.path)
-            elif entry.name not in fragments and UNIT_FILE_RE.match(entry.name):
+            elif entry.name not in fragments and is_unit_file(entry.name):
                 fragments[entry.name] = entry
     marker = f"[{SECTION}]".encode()
     units = []
