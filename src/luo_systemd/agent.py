@@ -24,8 +24,6 @@ from luo_systemd import cgroups, config, journal, names
 from luo_systemd.api import Problem
 from luo_systemd.broker import Broker, BrokerConfig
 from luo_systemd.errors import LuoError
-from luo_systemd.kexec import Loader, loader_for
-from luo_systemd.kexec_preflight import loaded_kernel_check, memory_check
 from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
 from luo_systemd.policy import DROPIN, Policy, parse_policy
 from luo_systemd.service_manager import listen_fds
@@ -33,6 +31,8 @@ from luo_systemd.state import FdStore, NoFdStore
 
 if TYPE_CHECKING:
     import asyncio
+
+    from luo_systemd.kexec import Loader
 
 log = logging.getLogger("luod")
 
@@ -170,7 +170,7 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def start(cfg: config.Config) -> tuple[Broker, Loader, socket.socket]:
+def start(cfg: config.Config) -> tuple[Broker, socket.socket]:
     """Everything up to READY=1, without the event loop: the recovery or the restore, and the Varlink
     socket listening (callers queue in its backlog until ``serve`` answers them)."""
     raise_fd_limit()
@@ -179,15 +179,12 @@ def start(cfg: config.Config) -> tuple[Broker, Loader, socket.socket]:
     if isinstance(store, NoFdStore):
         log.warning("Not running under a service manager: an agent crash would lose every stored fd")
     backend = make_backend(cfg)
-    loader = loader_for(cfg)
     broker = Broker(
         backend,
         policy_reader(cfg.policy_dir),
         store,
         BrokerConfig(max_fds_total=cfg.max_fds_total, busy_retries=cfg.busy_retries, env_dir=cfg.env_dir),
-        extra_checks=(kill_exemption_check, loaded_kernel_check(loader), inhibitor_check(cfg.inhibit_dir)),
     )
-    broker.extra_checks += (memory_check(broker.carried_memfds, cfg.memory_margin_mib),)
     kept = {key: fdl[0] for key, fdl in fds.items() if key.startswith("luod-")}
     if not broker.recover(kept):  # no fd store handed back: a fresh start, perhaps after a live update
         try:
@@ -200,7 +197,23 @@ def start(cfg: config.Config) -> tuple[Broker, Loader, socket.socket]:
 
             log.info("Live update %d: restored %d unit(s)", manifest.update_count, len(manifest.units))
             write_last_update(cfg.last_update_file, last_update_of(manifest))
-    return broker, loader, activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
+    return broker, activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
+
+
+def preflight(cfg: config.Config, broker: Broker) -> Loader:
+    """The kexec loader and the pre-flight checks, after READY=1: nothing before it runs a pre-flight, and
+    reading kernel formats (decompressors included) costs the start-up every opted-in unit waits for."""
+    from luo_systemd.kexec import loader_for  # noqa: PLC0415
+    from luo_systemd.kexec_preflight import loaded_kernel_check, memory_check  # noqa: PLC0415
+
+    loader = loader_for(cfg)
+    broker.extra_checks = (
+        kill_exemption_check,
+        loaded_kernel_check(loader),
+        inhibitor_check(cfg.inhibit_dir),
+        memory_check(broker.carried_memfds, cfg.memory_margin_mib),
+    )
+    return loader
 
 
 async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener: socket.socket) -> int:
@@ -366,7 +379,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("Bad configuration: %s", e)
         return 1
     try:
-        broker, loader, listener = start(cfg)
+        broker, listener = start(cfg)
     except LuoError as e:
         log.error("%s", e)
         return 1
@@ -377,7 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import asyncio  # noqa: PLC0415
 
     try:
-        return asyncio.run(serve(cfg, broker, loader, listener))
+        return asyncio.run(serve(cfg, broker, preflight(cfg, broker), listener))
     except LuoError as e:
         log.error("%s", e)
         return 1
