@@ -77,6 +77,7 @@ def test_kexec_handover_boot_from_the_setup_data(tmp_path: Path) -> None:
     # Cannot tell: wait for luod.
     assert generator.kexec_handover_boot({}, str(tmp_path / "absent"))  # not x86
     assert generator.kexec_handover_boot({"SYSTEMD_VIRTUALIZATION": "container:systemd-nspawn"}, str(none))
+    assert generator.kexec_handover_boot({"container": "systemd-nspawn"}, str(none))
     assert generator.kexec_handover_boot({"SYSTEMD_SCOPE": "user"}, str(none))
     assert not generator.kexec_handover_boot({"SYSTEMD_VIRTUALIZATION": "vm:qemu"}, str(none))
 

@@ -268,7 +268,8 @@ def kexec_handover_boot(environ: Mapping[str, str], boot_params: str = "/sys/ker
     told, the answer is yes (waiting for luod is always safe): other architectures, an unreadable entry, and
     a container's or a user manager's start, which the kernel's boot parameters say nothing about (there,
     the emulator carries the sessions)."""
-    if environ.get("SYSTEMD_SCOPE") == "user" or environ.get("SYSTEMD_VIRTUALIZATION", "").startswith("container"):
+    in_container = environ.get("SYSTEMD_VIRTUALIZATION", "").startswith("container") or environ.get("container")
+    if environ.get("SYSTEMD_SCOPE") == "user" or in_container:
         return True
     if not os.path.isdir(boot_params):
         return True
