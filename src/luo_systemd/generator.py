@@ -18,7 +18,7 @@ from luo_systemd.records import NamedTuple
 
 TYPE_CHECKING = False  # typing and re cost more than the generator's work (luo_systemd.records)
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Iterable, Iterator, Mapping, Sequence
     from typing import Optional
 
 NAME = "luo-systemd-generator"
@@ -198,17 +198,23 @@ def collect_units(dirs: Sequence[str]) -> list[UnitFiles]:
     return units
 
 
-def dropins_of(directories: Iterable[str]) -> list[str]:
-    """The *.conf files of a unit's .d directories, sorted by file name (an earlier directory masks)."""
-    found: dict[str, str] = {}
+def listed(directories: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(directory, name) of each entry of the directories that can be listed, in their order."""
     for d in directories:
         try:
             names = os.listdir(d)
         except OSError:
             continue
         for name in names:
-            if name.endswith(".conf") and not name.startswith("."):
-                found.setdefault(name, os.path.join(d, name))
+            yield d, name
+
+
+def dropins_of(directories: Iterable[str]) -> list[str]:
+    """The *.conf files of a unit's .d directories, sorted by file name (an earlier directory masks)."""
+    found: dict[str, str] = {}
+    for d, name in listed(directories):
+        if name.endswith(".conf") and not name.startswith("."):
+            found.setdefault(name, os.path.join(d, name))
     return [found[k] for k in sorted(found)]
 
 
@@ -245,16 +251,11 @@ SHARED_LIBRARY_PREFIX, SHARED_LIBRARY_SUFFIX = "libsystemd-shared-", ".so"
 
 def systemd_version(directories: Iterable[str] = SHARED_LIBRARY_DIRS) -> int:
     """The installed systemd's major version, from the name of libsystemd-shared-NNN.so (no IPC)."""
-    for d in directories:
-        try:
-            names = os.listdir(d)
-        except OSError:
-            continue
-        for name in names:
-            if name.startswith(SHARED_LIBRARY_PREFIX) and name.endswith(SHARED_LIBRARY_SUFFIX):
-                number = name[len(SHARED_LIBRARY_PREFIX) : -len(SHARED_LIBRARY_SUFFIX)]
-                if number.isdigit():
-                    return int(number)
+    for _, name in listed(directories):
+        if name.startswith(SHARED_LIBRARY_PREFIX) and name.endswith(SHARED_LIBRARY_SUFFIX):
+            number = name[len(SHARED_LIBRARY_PREFIX) : -len(SHARED_LIBRARY_SUFFIX)]
+            if number.isdigit():
+                return int(number)
     return 0
 
 
