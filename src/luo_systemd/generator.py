@@ -191,7 +191,7 @@ def collect_units(dirs: Sequence[str]) -> list[UnitFiles]:
         entry = fragments[name]
         if entry.is_symlink() and os.path.realpath(entry.path) == "/dev/null":
             continue
-        paths = [entry.path, *dropins_of(dropin_dirs.get(name, ()))]
+        paths = [entry.path, *dropins_of(dropin_dirs[name])] if name in dropin_dirs else [entry.path]
         raw = [read_bytes(p) for p in paths]
         if any(marker in r for r in raw):
             units.append(UnitFiles(name, entry.path, tuple(r.decode("utf-8", "replace") for r in raw if r)))
@@ -298,11 +298,17 @@ def kmsg(message: str, priority: int = 4) -> None:
 
 
 def write_plan(out_dir: str, result: Plan) -> None:
+    """Plain open(2) and write(2), as read_bytes: a text file object costs more than its write."""
     for rel, content in result.files.items():
         path = os.path.join(out_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(content)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            data = content.encode()
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
 
 
 def hook_command() -> str:
