@@ -14,6 +14,7 @@ to compare between changes.  Needs root (cgroups, like the tests).
 from __future__ import annotations
 
 import argparse
+import compileall
 import functools
 import os
 import resource
@@ -26,10 +27,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 TOP = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 sys.path[:0] = [str(TOP)]
 
 from tests.harness import Agent, Emulator, NotifySink, UnitTree  # noqa: E402
+
+from luo_systemd.generator import hook_command  # noqa: E402
 
 BASELINE = ["/usr/bin/python3", "-I", "-S", "-c", "pass"]
 FDS_PER_UNIT = 10
@@ -131,10 +133,10 @@ class Bed:
 
 
 def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
-    hook = str(BIN / "luo-hook")
+    hook = hook_command().split()  # as the generator's drop-ins run it
     env = {k: v for k, v in os.environ.items() if k not in ("LIVEUPDATE_RESTORED", "NOTIFY_SOCKET")}
     rows = [
-        ("luo-hook start, ordinary start", *paired(functools.partial(run, [hook, "start", "x.service"], env), pairs))
+        ("luo-hook start, ordinary start", *paired(functools.partial(run, [*hook, "start", "x.service"], env), pairs))
     ]
     bed = Bed(directory)
     try:
@@ -144,7 +146,7 @@ def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
         rows.append(
             (
                 "luo-hook stop, luod running, nothing to do",
-                *paired(functools.partial(run, [hook, "stop", "x.service"], luod), pairs),
+                *paired(functools.partial(run, [*hook, "stop", "x.service"], luod), pairs),
             )
         )
         fds = memfds(4)
@@ -158,7 +160,7 @@ def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
             rows.append(
                 (
                     "luo-hook start, 4 restored memfds",
-                    *paired(functools.partial(run, [hook, "start", "x.service"], restored), pairs),
+                    *paired(functools.partial(run, [*hook, "start", "x.service"], restored), pairs),
                 )
             )
         finally:
@@ -169,19 +171,27 @@ def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
 
 
 def generator_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
+    """The generator as systemd runs it: its shebang's flags, into a fresh directory on a tmpfs each time
+    (/run/systemd/generator is one, and systemd empties it before every run)."""
+    flags = Path(TOP / "generators" / "luo-systemd-generator").read_text().splitlines()[0].split()[1:]
     rows = []
-    for count in (100, 1000, 3000):
-        units, out = directory / f"units{count}", directory / f"out{count}"
-        units.mkdir()
-        out.mkdir()
-        for i in range(count):
-            section = "[X-LiveUpdate]\nFileDescriptorNames=cache\n" if i % 10 == 0 else ""
-            text = f"[Unit]\nDescription=unit {i}\n\n[Service]\nExecStart=/bin/true\n{section}"
-            (units / f"unit{i}.service").write_text(text)
-        gen = [sys.executable, str(TOP / "generators" / "luo-systemd-generator"), str(out), str(out), str(out)]
-        env = dict(os.environ, SYSTEMD_UNIT_PATH=str(units))
-        ms, ratio = paired(functools.partial(run, gen, env), pairs)
-        rows.append((f"generator, {count} units ({count // 10} opted in)", ms, ratio))
+    with tempfile.TemporaryDirectory(prefix="luo-bench-", dir="/dev/shm") as run_dir:
+        for count in (100, 1000, 3000):
+            units = directory / f"units{count}"
+            units.mkdir()
+            for i in range(count):
+                section = "[X-LiveUpdate]\nFileDescriptorNames=cache\n" if i % 10 == 0 else ""
+                text = f"[Unit]\nDescription=unit {i}\n\n[Service]\nExecStart=/bin/true\n{section}"
+                (units / f"unit{i}.service").write_text(text)
+            gen = [sys.executable, *flags, str(TOP / "generators" / "luo-systemd-generator")]
+            env = dict(os.environ, SYSTEMD_UNIT_PATH=str(units))
+
+            def generate(gen: list[str] = gen, env: dict[str, str] = env) -> None:
+                out = tempfile.mkdtemp(dir=run_dir)
+                run([*gen, out, out, out], env)
+
+            ms, ratio = paired(generate, pairs)
+            rows.append((f"generator, {count} units ({count // 10} opted in)", ms, ratio))
     return rows
 
 
@@ -318,6 +328,9 @@ def main() -> int:
     parser.add_argument("--fds", default="100,1000,10000", help="fd counts for preserve and restore")
     parser.add_argument("--no-commands", action="store_true", help="only preserve, restore and memory")
     args = parser.parse_args()
+    # Byte-compiled, as a package installs it: without, every command compiles its modules again (and
+    # PYTHONDONTWRITEBYTECODE keeps it so), which is no part of what runs in production.
+    compileall.compile_dir(str(TOP / "src"), quiet=1)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the raw figures hold every memfd at once
     with tempfile.TemporaryDirectory(prefix="luo-bench-") as tmp:

@@ -226,6 +226,7 @@ class UnitTree:
 
 
 POLICY = "[X-LiveUpdate]\n"
+LUOD_PROGRAM = "import sys; from luo_systemd.agent import main; sys.exit(main())"  # as units/luod.service
 
 
 def python_path() -> str:
@@ -348,7 +349,7 @@ class Agent:
         # argv[0] '@luod', as the generator arranges it for systemd-shutdown's kill exemption.  Python
         # cannot find its venv from such an argv[0]; the package installs into the system's site dir.
         env["PYTHONPATH"] = python_path()
-        luod = ["bash", "-c", 'exec -a @luod "$@"', "bash", sys.executable, "-m", "luo_systemd.agent"]
+        luod = ["bash", "-c", 'exec -a @luod "$@"', "bash", sys.executable, "-c", LUOD_PROGRAM]
         # RLIMIT_NOFILE as systemd gives a service without LimitNOFILE=: a soft limit of 1024.
         luod = ["prlimit", "--nofile=1024:", *luod]
         kept = sorted(self.fdstore.items()) if self.fdstore else []

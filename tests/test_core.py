@@ -12,7 +12,8 @@ from luo_systemd.api import Problem, refusing
 from luo_systemd.broker import judged
 from luo_systemd.errors import BadManifest, InvalidName, InvalidRequest
 from luo_systemd.manifest import CarriedFd, CarriedUnit, FdKind, Manifest
-from luo_systemd.policy import FinishMode, NoReturn, OnPreflightFailure, PreserveAt, RestoreMode, parse_policy
+from luo_systemd.policy import FinishMode, NoReturn, OnPreflightFailure, Policy, PreserveAt, RestoreMode, parse_policy
+from luo_systemd.records import NamedTuple
 
 
 @pytest.mark.parametrize("name", ["a", "cache", "x" * 255, "with space", "~!@#$%^&*()"])
@@ -34,6 +35,37 @@ def test_session_names_fit_and_are_deterministic() -> None:
     assert name != names.unit_session_name("a" * 199 + "b.service")
     assert names.client_session_name("qemu@vm1.service", "iommufd") == "luod/qemu@vm1.service/iommufd"
     assert names.template_of("qemu@vm1.service") == "qemu@.service" and names.template_of("x.service") is None
+
+
+@pytest.mark.parametrize(
+    "name", ["demo.service", "qemu@.service", "qemu@vm1.service", "a.b-c_d:e\\x2d.socket", "x" * 247 + ".service"]
+)
+def test_valid_unit_names(name: str) -> None:
+    assert names.check_unit_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "demo", ".service", "@.service", "a@b@c.service", "demo.unknown", "de mo.service", "demo.service\n",
+     "é.service", "x" * 248 + ".service"],
+)  # fmt: skip
+def test_invalid_unit_names(name: str) -> None:
+    with pytest.raises(InvalidName):
+        names.check_unit_name(name)
+
+
+def test_records_are_named_tuples_without_typing() -> None:
+    """luo_systemd.records builds Policy at run time without typing: defaults, methods, immutability."""
+    policy = Policy(fd_names=("a",))
+    assert isinstance(policy, tuple) and policy == Policy(("a",)) and policy.fd_max == 64 and policy.carries("a")
+    assert policy._replace(fd_max=1).fd_max == 1 and not Policy(fd_names=("b",)).carries("a")
+    with pytest.raises(AttributeError):
+        policy.fd_max = 1  # type: ignore[misc]
+    with pytest.raises(TypeError, match="without a default follows"):
+
+        class Bad(NamedTuple):
+            a: int = 0
+            b: int
 
 
 def test_policy_defaults_and_overrides() -> None:

@@ -50,8 +50,47 @@ def test_main_writes_the_plan(tmp_path: Path) -> None:
         env=env,
         check=True,
     )
-    expected = generator.plan(generator.collect_units(INPUT), generator.systemd_version(), generator.find_hook())
+    expected = generator.plan(
+        generator.collect_units(INPUT),
+        generator.systemd_version(),
+        generator.hook_command(),
+        generator.kexec_handover_boot(env),
+    )
     assert tree(tmp_path) == expected.files
+
+
+def boot_params(root: Path, types: list[str]) -> str:
+    """A /sys/kernel/boot_params with one setup_data entry of each type, as x86 kernels list them."""
+    for i, kind in enumerate(types):
+        (root / "setup_data" / str(i)).mkdir(parents=True)
+        (root / "setup_data" / str(i) / "type").write_text(kind + "\n")
+    root.mkdir(exist_ok=True)
+    (root / "version").write_text("0x020f\n")
+    return str(root)
+
+
+def test_kexec_handover_boot_from_the_setup_data(tmp_path: Path) -> None:
+    kho, rng, none = tmp_path / "kho", tmp_path / "rng", tmp_path / "none"
+    assert generator.kexec_handover_boot({}, boot_params(kho, ["0x9", "0xa"]))  # RNG seed and KHO (kexec)
+    assert not generator.kexec_handover_boot({}, boot_params(rng, ["0x9"]))  # a boot loader's RNG seed only
+    assert not generator.kexec_handover_boot({}, boot_params(none, []))
+    # Cannot tell: wait for luod.
+    assert generator.kexec_handover_boot({}, str(tmp_path / "absent"))  # not x86
+    assert generator.kexec_handover_boot({"SYSTEMD_VIRTUALIZATION": "container:systemd-nspawn"}, str(none))
+    assert generator.kexec_handover_boot({"container": "systemd-nspawn"}, str(none))
+    assert generator.kexec_handover_boot({"SYSTEMD_SCOPE": "user"}, str(none))
+    assert not generator.kexec_handover_boot({"SYSTEMD_VIRTUALIZATION": "vm:qemu"}, str(none))
+
+
+def test_a_boot_without_handover_does_not_wait_for_luod(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(TOP)
+    units = generator.collect_units(INPUT)
+    after_kexec = generator.plan(units, 262, handed_over=True).files["demo.service.d/50-liveupdate.conf"]
+    cold = generator.plan(units, 262, handed_over=False).files["demo.service.d/50-liveupdate.conf"]
+    assert "After=luod.service" in after_kexec.splitlines()
+    assert "After=luod.service" not in cold.splitlines()
+    assert "After=luod.socket" in cold.splitlines() and "Wants=luod.service" in cold.splitlines()
+    assert cold.split("[Service]")[1] == after_kexec.split("[Service]")[1]  # the same hooks and settings
 
 
 def test_systemd_version_is_found() -> None:
@@ -82,7 +121,9 @@ def test_units_and_generated_dropins_verify(tmp_path: Path) -> None:
     (units / "vendor.service.d" / "liveupdate.conf").write_text(
         (CASES / "input/vendor.service.d/liveupdate.conf").read_text()
     )
-    result = generator.plan(generator.collect_units([str(units)]), generator.systemd_version(), generator.find_hook())
+    result = generator.plan(
+        generator.collect_units([str(units)]), generator.systemd_version(), generator.hook_command()
+    )
     generator.write_plan(str(units), result)
     env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{units}:")
     for unit in (

@@ -49,3 +49,23 @@ def test_lines_about_a_unit_carry_the_field_journalctl_u_matches(caplog: pytest.
     assert vars(about)["OBJECT_SYSTEMD_UNIT"] == "demo.service" and vars(about)["LUO_FDNAME"] == "cache"
     assert vars(about)["MESSAGE_ID"] == journal.PRESERVED
     assert "OBJECT_SYSTEMD_UNIT" not in vars(other)
+
+
+def test_the_journal_handler_sends_the_event_fields() -> None:
+    """What luod's handler hands to sd_journal_sendv() (journald itself is in the nspawn and qemu tiers)."""
+    sent: list[tuple[str, ...]] = []
+    handler = journal.JournalHandler("luod")
+    handler.sendv = lambda *fields: sent.append(fields)
+    logger = logging.getLogger("luod.test-handler")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    try:
+        logger.log(25, "Preserved 1 fd(s)", extra={"MESSAGE_ID": journal.PRESERVED, **journal.about("demo.service")})
+    finally:
+        logger.removeHandler(handler)
+    fields = dict(f.split("=", 1) for f in sent[0])
+    assert fields["MESSAGE"] == "Preserved 1 fd(s)" and fields["PRIORITY"] == "5"  # NOTICE
+    assert fields["SYSLOG_IDENTIFIER"] == "luod" and fields["MESSAGE_ID"] == journal.PRESERVED
+    assert fields["OBJECT_SYSTEMD_UNIT"] == "demo.service" and fields["CODE_FUNC"]
+    assert not [k for k in fields if not k.isupper()], "journald drops lower-case fields"

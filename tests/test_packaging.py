@@ -127,6 +127,11 @@ class Deb:
             entries[path] = Entry(mode, path)
         return entries
 
+    def read(self, path: str) -> str:
+        """The text of one installed file."""
+        tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(self.path)], capture_output=True, check=True).stdout
+        return subprocess.run(["tar", "-xO", f".{path}"], input=tar, capture_output=True, check=True).stdout.decode()
+
     def field(self, name: str) -> str:
         info = subprocess.run(["dpkg-deb", "-I", str(self.path)], capture_output=True, text=True, check=True).stdout
         match = re.search(rf"^ {name}: (.*)$", info, re.MULTILINE)
@@ -191,6 +196,14 @@ def test_main_package_contents(debs: dict[str, Deb]) -> None:
     assert not [p for p in files if "emulator" in p.rsplit("/", 1)[-1] and p.endswith((".toml", ".service"))], (
         "the emulator's switch belongs to luo-systemd-emulator only"
     )
+
+
+def test_the_generator_finds_the_installed_package(debs: dict[str, Deb]) -> None:
+    """It runs without site (python3 -IS): the build writes the package's directory into it."""
+    generator = debs["luo-systemd"].read(f"{pkg_config('systemdsystemgeneratordir')}/luo-systemd-generator")
+    assert generator.startswith("#!/usr/bin/python3 -IS\n"), generator.splitlines()[0]
+    assert 'PACKAGE_DIR = "/usr/lib/python3/dist-packages"\n' in generator, generator
+    assert "/usr/lib/python3/dist-packages/luo_systemd/generator.py" in debs["luo-systemd"].contents()
 
 
 def test_emulator_package_contents(debs: dict[str, Deb]) -> None:

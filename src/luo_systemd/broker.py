@@ -15,7 +15,6 @@ import fcntl
 import itertools
 import logging
 import os
-import platform
 import stat
 import time
 from typing import Callable, Optional, TypeVar
@@ -456,7 +455,7 @@ class Broker:
         return CarriedUnit(state.unit, session, tuple(sorted(fds, key=lambda f: f.order)), clients)
 
     def _manifest_record(self, units: tuple[CarriedUnit, ...]) -> Manifest:
-        return Manifest(self.update_count + 1, time.time_ns() // 1000, platform.release(), units)
+        return Manifest(self.update_count + 1, time.time_ns() // 1000, os.uname().release, units)
 
     def manifest(self) -> Manifest:
         """The whole manifest the next live update would carry."""

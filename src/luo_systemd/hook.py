@@ -95,4 +95,8 @@ def main(argv: Sequence[str] = ()) -> int:
 
 
 if __name__ == "__main__":
+    # The generator's drop-ins run this file as "python3 -I -S .../luo_systemd/hook.py VERB UNIT": without
+    # site, the directory that holds the package is on sys.path only once we put it there (last: it never
+    # shadows the standard library).
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

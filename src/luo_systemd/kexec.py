@@ -13,7 +13,6 @@ import dataclasses
 import errno
 import json
 import os
-import platform
 from collections.abc import Iterator
 from typing import Optional, Protocol
 
@@ -64,7 +63,7 @@ def installed_kernel(release: str) -> Optional[str]:
 
 def default_image(append: str = "") -> KernelImage:
     """The running kernel again, as installed in /boot by Debian or Fedora, with the running command line."""
-    release = platform.release()
+    release = os.uname().release
     kernel = installed_kernel(release)
     if kernel is None:
         raise NotFound(f"no kernel image for {release} in /boot: pass --kernel")
@@ -163,9 +162,9 @@ class KernelLoader:
 
     def running_formats(self) -> ImageFormats:
         if self._running is None:
-            path = self.running_image or installed_kernel(platform.release())
+            path = self.running_image or installed_kernel(os.uname().release)
             if path is None:
-                raise UnreadableImage(f"no image of the running kernel {platform.release()} in /boot")
+                raise UnreadableImage(f"no image of the running kernel {os.uname().release} in /boot")
             self._running = read_image(path)
         return self._running
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import stat
 
 TMPFS_MAGIC = 0x01021994
@@ -23,9 +22,9 @@ KEXEC_FILE_NO_INITRAMFS = 0x4
 
 
 def _syscall(name: str, *args: int | bytes | None) -> int:
-    number = _SYSCALLS.get(platform.machine(), {}).get(name)
+    number = _SYSCALLS.get(os.uname().machine, {}).get(name)
     if number is None:
-        raise OSError(errno.ENOSYS, f"{name} is not known on {platform.machine()}")
+        raise OSError(errno.ENOSYS, f"{name} is not known on {os.uname().machine}")
     _libc.syscall.restype = ctypes.c_long
     ret = int(_libc.syscall(ctypes.c_long(number), *args))
     if ret < 0:

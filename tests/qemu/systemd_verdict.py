@@ -236,6 +236,14 @@ def main() -> int:
             f"BLACKOUT update={n} trigger={trig} unit={label.split()[0]} "
             f"host={fmt(host)} rtc={fmt(rtc)} guest={fmt(guest)}"
         )
+    # Issue 15's figure: each update's blackout through luod over the native fd store's, same run, same clock.
+    by_update: dict[int, dict[str, tuple[Optional[float], Optional[float]]]] = {}
+    for n, _, label, host, rtc, _ in blackout_rows:
+        by_update.setdefault(n, {})[label.split()[0]] = (host, rtc)
+    for n, units in sorted(by_update.items()):
+        if "demo" in units and "native" in units:
+            ratios = [d / b if d is not None and b else None for d, b in zip(units["demo"], units["native"])]
+            out.append(f"BLACKOUT-RATIO update={n} luod/native host={fmt(ratios[0], 'x')} rtc={fmt(ratios[1], 'x')}")
     out.append(f"RESULT {'PASS' if not problems else 'FAIL'}")
     print("\n".join(out))
     return 0 if not problems else 1
