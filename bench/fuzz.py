@@ -291,14 +291,19 @@ def run(cases: int, directory: Path, random_seed: int | None = None) -> tuple[Fi
         given(case)(warmup(lambda c: one(c)))()  # noqa: PLW0108 - settings() marks the function it decorates  # first allocations (snapshots, caches) before the baseline
         baseline = {"fds": fuzzer.fds(), "rss_kib": fuzzer.rss_kib(), "seconds": time.monotonic()}
         fuzzer.figures = Figures()
-        main = settings(
-            max_examples=cases,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
-        test = given(case)(main(lambda c: one(c)))  # noqa: PLW0108
-        (seed(random_seed)(test) if random_seed is not None else test)()
+        # Hypothesis skips an example it has already run, so one pass can end short of ``cases``: passes
+        # continue (each seeded anew) until that many distinct-per-pass cases have run.
+        rounds = 0
+        while fuzzer.figures.cases < cases:
+            main = settings(
+                max_examples=cases - fuzzer.figures.cases,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            test = given(case)(main(lambda c: one(c)))  # noqa: PLW0108
+            (seed(random_seed + rounds)(test) if random_seed is not None else test)()
+            rounds += 1
         figures = {
             "fds_before": baseline["fds"],
             "fds_after": fuzzer.fds(),
