@@ -169,6 +169,34 @@ def test_a_kernel_without_luo_is_reported(tmp_path: Path, bus: DBusDaemon, tree:
         emulator.stop()
 
 
+def test_a_bus_that_is_gone_leaves_luod_serving_varlink(tmp_path: Path, emulator: Emulator, tree: UnitTree) -> None:
+    """dbus.service stops in the shutdown that a live update is; a luod that reaches the bus only then (a slow
+    boot) must carry on without it: its exit would drop every session before the kexec."""
+    bus_dir = tmp_path / "bus"
+    bus_dir.mkdir()
+    gone = DBusDaemon(bus_dir)
+    gone.stop()  # as dbus.service in the shutdown: nothing answers at the bus's address
+    agent = Agent(tmp_path, emulator, gone, tree)
+    agent.opt_in("demo.service")
+    try:
+        agent.start(wait=False)  # not for the bus: it never joins
+        assert agent.notify.ready.wait(30), agent.log.read_text()
+        fd = memfd("cache", pattern("kept without a bus", PAGE))
+        try:
+            agent.call("Store", {"unit": "demo.service", "names": ["cache"]}, [fd])
+        finally:
+            os.close(fd)
+        deadline = time.monotonic() + 10
+        while "Not on the system bus" not in agent.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "Not on the system bus" in agent.log.read_text()
+        assert agent.proc is not None and agent.proc.poll() is None, agent.log.read_text()
+        status, _ = agent.call("Status")
+        assert [u["stored"] for u in status["units"]] == [1]
+    finally:
+        agent.cleanup()
+
+
 def test_a_busy_device_is_retried_then_reported(agent: Agent, emulator: Emulator) -> None:
     with emulator.backend.device():  # someone else (systemd >= 261, say) holds /dev/liveupdate
         started = time.monotonic()

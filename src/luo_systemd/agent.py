@@ -31,7 +31,9 @@ from luo_systemd.state import FdStore, NoFdStore
 if TYPE_CHECKING:
     import asyncio
 
+    from luo_systemd.dbus_service import AgentBus
     from luo_systemd.kexec import Loader
+    from luo_systemd.kexec_watch import KexecWatcher
 
 log = logging.getLogger("luod")
 
@@ -271,22 +273,10 @@ async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener: so
         # restored units starting meanwhile (in the sid qemu tier, the demo's start took 7 s instead of 3).
         with concurrent.futures.ThreadPoolExecutor(1) as importer:
             await loop.run_in_executor(importer, import_dbus_service)
-        from luo_systemd.dbus_service import (  # noqa: PLC0415
-            BUS_NAME,
-            OBJECT_PATH,
-            Agent1,
-            AgentBus,
-            install_fd_guard,
-            watch_peers,
-        )
+        bus = await join_bus(broker, cgroup_root, watcher)
+    if bus is not None:
+        from luo_systemd.dbus_service import BUS_NAME  # noqa: PLC0415
 
-        bus = AgentBus()
-        await bus.connect()
-        agent = Agent1(bus, broker, cgroup_root, watcher.before_preserve)
-        install_fd_guard(bus, agent)
-        await watch_peers(bus)
-        bus.export(OBJECT_PATH, agent)
-        await bus.request_name(BUS_NAME)
         if cfg.block_shutdown:
             from luo_systemd.dbus_client import inhibit_shutdown  # noqa: PLC0415
             from luo_systemd.inhibitor import ShutdownBlock, keep_blocking  # noqa: PLC0415 - imports asyncio
@@ -304,6 +294,39 @@ async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener: so
     if bus is not None:
         bus.disconnect()  # type: ignore[no-untyped-call]
     return 1 if failed else 0
+
+
+async def join_bus(broker: Broker, cgroup_root: str, watcher: KexecWatcher) -> Optional[AgentBus]:
+    """luod on the system bus, or None when the bus cannot be joined: the bus is a second door (hooks and
+    units use Varlink), and it may be gone already -- dbus.service stops in the very shutdown that a live
+    update is, and on a slow boot luod may only get to the bus then.  A failure here must never end luod:
+    its exit would drop every session before the kexec."""
+    from dbus_next.errors import AuthError, DBusError  # noqa: PLC0415
+
+    from luo_systemd.dbus_service import (  # noqa: PLC0415
+        BUS_NAME,
+        OBJECT_PATH,
+        Agent1,
+        AgentBus,
+        install_fd_guard,
+        watch_peers,
+    )
+
+    bus = None
+    try:
+        bus = AgentBus()  # connects its socket here
+        await bus.connect()
+        agent = Agent1(bus, broker, cgroup_root, watcher.before_preserve)
+        install_fd_guard(bus, agent)
+        await watch_peers(bus)
+        bus.export(OBJECT_PATH, agent)
+        await bus.request_name(BUS_NAME)
+    except (OSError, EOFError, AuthError, DBusError) as e:
+        log.warning("Not on the system bus (%s): serving Varlink only", e or type(e).__name__)
+        if bus is not None:
+            bus.disconnect()  # type: ignore[no-untyped-call]
+        return None
+    return bus
 
 
 def import_dbus_service() -> None:
