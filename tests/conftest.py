@@ -13,6 +13,7 @@ import pytest
 from luo_systemd import uapi
 from luo_systemd.liveupdate import Backend, kernel_backend
 from tests.harness import Agent, DBusDaemon, Emulator, UnitTree, rootfs_dbus_daemon
+from tests.nspawn import harness as nspawn
 
 
 @pytest.fixture
@@ -62,8 +63,13 @@ def bus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DBusDaemon]:
     (trixie's, from the root file system cache)."""
     if getattr(request, "param", "host") == "pidfd":
         argv = rootfs_dbus_daemon(PIDFD_BUS_SUITE)
-        if argv is None:
-            pytest.skip(f"no {PIDFD_BUS_SUITE} root file system in the cache (tests/nspawn/build-rootfs.sh builds it)")
+        if argv is None:  # a brand-new machine: built now, not only once the nspawn tier gets to it
+            try:
+                nspawn.ensure_rootfs(PIDFD_BUS_SUITE, quiet=True)
+            except (OSError, subprocess.CalledProcessError) as e:
+                pytest.skip(f"no {PIDFD_BUS_SUITE} root file system in the cache, and building it failed: {e}")
+            argv = rootfs_dbus_daemon(PIDFD_BUS_SUITE)
+            assert argv is not None, f"build-rootfs.sh {PIDFD_BUS_SUITE} left no dbus-daemon"
         daemon = DBusDaemon(tmp_path, argv)
         assert daemon.pidfds, f"{PIDFD_BUS_SUITE}'s dbus-daemon gives no ProcessFD"
     else:
