@@ -13,7 +13,6 @@ import pytest
 from luo_systemd import uapi
 from luo_systemd.liveupdate import Backend, kernel_backend
 from tests.harness import Agent, DBusDaemon, Emulator, UnitTree, rootfs_dbus_daemon
-from tests.nspawn import harness as nspawn
 
 
 @pytest.fixture
@@ -64,6 +63,9 @@ def bus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DBusDaemon]:
     if getattr(request, "param", "host") == "pidfd":
         argv = rootfs_dbus_daemon(PIDFD_BUS_SUITE)
         if argv is None:  # a brand-new machine: built now, not only once the nspawn tier gets to it
+            # Imported here: the qemu tier stages this file without tests/nspawn (run-contract.sh).
+            from tests.nspawn import harness as nspawn
+
             try:
                 nspawn.ensure_rootfs(PIDFD_BUS_SUITE, quiet=True)
             except (OSError, subprocess.CalledProcessError) as e:
