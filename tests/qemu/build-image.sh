@@ -87,6 +87,10 @@ units="luod.socket luod.service luo-demo-cache.service luotest.service"
 if ((NATIVE)); then
     install -D -m 0755 "$GUEST/luo-native-cache" "$R/usr/local/bin/luo-native-cache"
     install -D -m 0644 "$GUEST/luo-native-cache.service" "$R/etc/systemd/system/luo-native-cache.service"
+    if [[ $DEMO_MB != 64 ]]; then  # the demo's peer carries as much, or the blackouts do not compare
+        install -d "$R/etc/systemd/system/luo-native-cache.service.d"
+        printf '[Service]\nEnvironment=NATIVE_CACHE_MB=%s\n' "$DEMO_MB" > "$R/etc/systemd/system/luo-native-cache.service.d/size.conf"
+    fi
     units+=" luo-native-cache.service"
 fi
 vmcfg=""
