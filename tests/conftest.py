@@ -63,8 +63,7 @@ def bus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DBusDaemon]:
     if getattr(request, "param", "host") == "pidfd":
         argv = rootfs_dbus_daemon(PIDFD_BUS_SUITE)
         if argv is None:  # a brand-new machine: built now, not only once the nspawn tier gets to it
-            # Imported here: the qemu tier stages this file without tests/nspawn (run-contract.sh).
-            from tests.nspawn import harness as nspawn
+            from tests.nspawn import harness as nspawn  # noqa: PLC0415 - run-contract.sh stages no tests/nspawn
 
             try:
                 nspawn.ensure_rootfs(PIDFD_BUS_SUITE, quiet=True)
