@@ -7,11 +7,9 @@ See luo-systemd.directives(5).
 
 from __future__ import annotations
 
-import enum
-
 from luo_systemd.errors import InvalidRequest
 from luo_systemd.names import check_client_session_name, check_fd_name
-from luo_systemd.records import NamedTuple
+from luo_systemd.records import Choice, NamedTuple
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -26,27 +24,27 @@ DEFAULT_BYTES_MAX = 1 << 30  # what one unit may pin across a live update unless
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-class PreserveAt(str, enum.Enum):
+class PreserveAt(Choice):  # not enum.Enum: see luo_systemd.records
     STOP = "stop"  # when the unit stops for the kexec (after its own ExecStop=)
     STORE = "store"  # as soon as an fd is stored: less work in the blackout, but the size freezes early
 
 
-class FinishMode(str, enum.Enum):
+class FinishMode(Choice):
     AUTO = "auto"  # luo-hook started finishes the unit's session once the service is up
     EXPLICIT = "explicit"  # the service calls Finish itself after its own restore steps
 
 
-class RestoreMode(str, enum.Enum):
+class RestoreMode(Choice):
     AUTO = "auto"  # luo-hook start (ExecStartPre=) puts the restored fds into the unit's fd store
     EXPLICIT = "explicit"  # the service calls Retrieve itself: no process runs before it (luo-qemu)
 
 
-class NoReturn(str, enum.Enum):
+class NoReturn(Choice):
     KEEP = "keep"  # keep the restored fds, and carry them into the next update
     DISCARD = "discard"  # free them
 
 
-class OnPreflightFailure(str, enum.Enum):
+class OnPreflightFailure(Choice):
     # The default: one unit's problem does not hold back the others' live update (a kernel fix for the whole
     # machine); the unit stops and starts as for an ordinary reboot, which every service must survive.
     LEAVE_OUT = "leave-out"  # the unit is reported and not carried; the others go ahead
@@ -137,7 +135,7 @@ def _bytes(value: str) -> int:
     return int(number) * _SIZE_UNITS[suffix]
 
 
-def _enum(cls: type[enum.Enum], key: str, value: str) -> enum.Enum:
+def _enum(cls: type[Choice], key: str, value: str) -> Choice:
     try:
         return cls(value)
     except ValueError:
@@ -151,10 +149,15 @@ def parse_policy(texts: Iterable[str]) -> Policy | None:
     None if no file has an ``[X-LiveUpdate]`` section (the unit did not opt in).  A malformed section
     raises InvalidRequest naming the key.
     """
+    return policy_of(read_unit_lines(text) for text in texts)
+
+
+def policy_of(files: Iterable[Iterable[tuple[str, str, str]]]) -> Policy | None:
+    """parse_policy over files already read as ``read_unit_lines`` (the generator reads other sections too)."""
     found = False
     fields: dict[str, object] = {}
-    for text in texts:
-        for section, key, value in read_unit_lines(text):
+    for lines in files:
+        for section, key, value in lines:
             if section != SECTION:
                 continue
             found = True
