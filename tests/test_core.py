@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import pickle
 
 import pytest
 
@@ -54,18 +56,34 @@ def test_invalid_unit_names(name: str) -> None:
         names.check_unit_name(name)
 
 
-def test_records_are_named_tuples_without_typing() -> None:
-    """luo_systemd.records builds Policy at run time without typing: defaults, methods, immutability."""
+def test_records_are_named_tuples_without_typing_or_collections() -> None:
+    """luo_systemd.records builds Policy at run time without typing or collections: defaults, methods,
+    immutability, and what collections.namedtuple would give it."""
     policy = Policy(fd_names=("a",))
     assert isinstance(policy, tuple) and policy == Policy(("a",)) and policy.fd_max == 64 and policy.carries("a")
     assert policy._replace(fd_max=1).fd_max == 1 and not Policy(fd_names=("b",)).carries("a")
+    assert policy._asdict()["fd_names"] == ("a",) and list(policy._asdict()) == list(Policy._fields)
+    assert Policy._make(policy) == policy and copy.deepcopy(policy) == policy == pickle.loads(pickle.dumps(policy))
+    assert repr(Policy())[:60] == "Policy(fd_names=(), preserve_at=<PreserveAt.STOP: 'stop'>, f"
     with pytest.raises(AttributeError):
         policy.fd_max = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Policy(fd_maximum=1)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="without a default follows"):
 
         class Bad(NamedTuple):
             a: int = 0
             b: int
+
+
+def test_choices_are_str_enums_without_enum() -> None:
+    """luo_systemd.records builds policy's closed sets at run time without enum, as enum.StrEnum would."""
+    assert PreserveAt("store") is PreserveAt.STORE and PreserveAt.STORE == "store"
+    assert list(PreserveAt) == [PreserveAt.STOP, PreserveAt.STORE]
+    assert PreserveAt.STORE.name == "STORE" and PreserveAt.STORE.value == "store" and isinstance(PreserveAt.STORE, str)
+    assert copy.deepcopy(PreserveAt.STORE) is PreserveAt.STORE is pickle.loads(pickle.dumps(PreserveAt.STORE))
+    with pytest.raises(ValueError, match="'later' is not a valid PreserveAt"):
+        PreserveAt("later")
 
 
 def test_policy_defaults_and_overrides() -> None:

@@ -1,13 +1,16 @@
-"""``NamedTuple`` and ``Choice`` (a ``str`` enum) for the per-boot and per-unit commands, without typing or enum.
+"""``NamedTuple`` and ``Choice`` (a ``str`` enum) for the per-boot and per-unit commands, without their imports.
 
 The generator runs at every boot and daemon-reload, and its records (a unit's files, its policy) are
 immutable NamedTuples rather than frozen dataclasses, whose import costs more than the generator's work.
 typing.NamedTuple itself imports typing, which imports re: together more than the interpreter's own
-start-up; enum (with functools) and its classes cost the generator a third of it.  Type checkers see
-typing.NamedTuple and a ``str`` Enum; at run time the same class syntax builds a collections.namedtuple
-subclass (annotated fields, trailing defaults, methods), or a Choice: each ``str`` class attribute becomes
-a member, an instance equal to its value with ``.name`` and ``.value``, found by ``Cls(value)``
-(ValueError if none) and listed by ``iter(Cls)``, as enum.StrEnum's.
+start-up; collections (for namedtuple) and enum (with functools) together cost about half of it.
+Type checkers see typing.NamedTuple and a ``str`` Enum; at run time the same class syntax builds:
+
+- for a NamedTuple, what collections.namedtuple builds (a tuple with a field getter for each annotated
+  field, trailing defaults, ``_replace``, ``_asdict``, ``_fields``; methods allowed);
+- for a Choice, a ``str`` class whose ``str`` class attributes become its members, instances equal to
+  their value with ``.name`` and ``.value``, found by ``Cls(value)`` (ValueError if none) and listed by
+  ``iter(Cls)``, as enum.StrEnum's.
 """
 
 from __future__ import annotations
@@ -23,19 +26,45 @@ if TYPE_CHECKING:
         pass
 
 else:
-    import collections
+    from _collections import _tuplegetter  # collections.namedtuple's C field getter, without collections
+
+    class _Record(tuple):
+        """What collections.namedtuple gives its classes, but __new__: _NamedTupleMeta makes one for each."""
+
+        __slots__ = ()
+
+        @classmethod
+        def _make(cls, iterable):
+            return cls(*iterable)
+
+        def _replace(self, **changes):
+            return type(self)(**{**self._asdict(), **changes})
+
+        def _asdict(self):
+            return dict(zip(self._fields, self))
+
+        def __getnewargs__(self):  # copy and pickle: the fields, not the whole tuple as the first one
+            return tuple(self)
+
+        def __repr__(self):
+            return f"{type(self).__name__}({', '.join(f'{f}={v!r}' for f, v in zip(self._fields, self))})"
 
     class _NamedTupleMeta(type):
         def __new__(mcs, name, bases, namespace):
             if not bases:  # NamedTuple itself
                 return super().__new__(mcs, name, bases, namespace)
-            fields = list(namespace.get("__annotations__", {}))
-            defaults = [namespace[f] for f in fields if f in namespace]
-            if any(f not in namespace for f in fields[len(fields) - len(defaults) :]):
+            fields = tuple(namespace.get("__annotations__", {}))
+            defaults = {f: namespace[f] for f in fields if f in namespace}
+            if any(f not in defaults for f in fields[len(fields) - len(defaults) :]):
                 raise TypeError(f"{name}: a field without a default follows one with a default")
-            record = collections.namedtuple(name, fields, defaults=defaults, module=namespace["__module__"])
+            # As collections.namedtuple: a __new__ with the fields for parameters, so that the call binds them.
+            params = "".join(f"{f}, " for f in fields)
+            new = eval(f"lambda _cls, {params}: _tuple_new(_cls, ({params}))", {"_tuple_new": tuple.__new__})
+            new.__defaults__ = tuple(defaults.values()) or None
             body = {k: v for k, v in namespace.items() if k not in fields and k != "__annotations__"}
-            return type(name, (record,), {**body, "__slots__": ()})
+            body.update({f: _tuplegetter(i, None) for i, f in enumerate(fields)})
+            body.update(__new__=new, __slots__=(), _fields=fields, _field_defaults=defaults)
+            return type(name, (_Record,), body)
 
     class NamedTuple(metaclass=_NamedTupleMeta):
         pass
@@ -62,5 +91,8 @@ else:
             return iter(cls._members.values())
 
     class Choice(str, metaclass=_ChoiceMeta):
+        def __reduce_ex__(self, protocol):  # a copy or an unpickled member is the member itself
+            return type(self), (self.value,)
+
         def __repr__(self):
             return f"<{type(self).__name__}.{self.name}: {self.value!r}>"
