@@ -13,7 +13,6 @@ import dataclasses
 import enum
 import fcntl
 import itertools
-import logging
 import os
 import stat
 import time
@@ -37,6 +36,7 @@ from luo_systemd.errors import (
     PreflightFailed,
     WrongPhase,
 )
+from luo_systemd.journal import log
 from luo_systemd.liveupdate import Backend, Device
 from luo_systemd.manifest import MAX_RECORDS_SIZE, CarriedFd, CarriedUnit, FdKind, Manifest
 from luo_systemd.ownedfd import OwnedFd
@@ -56,7 +56,6 @@ from luo_systemd.state import (
     sealed_memfd,
 )
 
-log = logging.getLogger("luod")
 T = TypeVar("T")
 
 MANIFEST_TOKEN = 0
@@ -227,7 +226,7 @@ class Broker:
                 kind, session = self.probe_kind(fd.fileno())
             except InvalidFd as e:
                 journal.event(
-                    journal.REFUSED, f"Refused '{name}' of {unit}: {e}", unit=unit, fdname=name, level=logging.WARNING
+                    journal.REFUSED, f"Refused '{name}' of {unit}: {e}", unit=unit, fdname=name, level=journal.WARNING
                 )
                 raise InvalidFd(f"Refusing to store {name!r} of {unit}: {e}") from None
             probed.append((name, fd, kind, session))
@@ -421,7 +420,7 @@ class Broker:
                 f"Failed to preserve '{name}' of {state.unit}: {e.reason}",
                 unit=state.unit,
                 fdname=name,
-                level=logging.ERROR,
+                level=journal.ERROR,
             )
             raise
         state.out_session, state.preserved = session, wanted
@@ -594,7 +593,7 @@ class Broker:
                 + "; ".join(p.message for p in problems if p.unit == unit)
                 + " (OnPreflightFailure=leave-out): it stops and starts as at a reboot, its fds are not carried",
                 unit=unit,
-                level=logging.WARNING,
+                level=journal.WARNING,
             )
             if unit in self.units:
                 self._drop_out_session(self.units[unit])  # PreserveAt=store preserved it already
@@ -693,7 +692,7 @@ class Broker:
                 # Never guess: the sessions stay pinned until the next kexec and nothing is restored.
                 self.problems.append(Problem("", f"Refusing the manifest of the previous kernel: {e}"))
                 journal.event(
-                    journal.REFUSED, f"Refusing the manifest of the previous kernel: {e}", level=logging.CRITICAL
+                    journal.REFUSED, f"Refusing the manifest of the previous kernel: {e}", level=journal.CRITICAL
                 )
                 self.manifest_session = self._hold(OwnedFd(luod))
                 self._changed()
@@ -709,7 +708,7 @@ class Broker:
                         journal.LOST,
                         f"Failed to restore {carried.unit}: {e}",
                         unit=carried.unit,
-                        level=logging.ERROR,
+                        level=journal.ERROR,
                     )
             self.manifest_session = incoming
             self._changed()
@@ -766,7 +765,7 @@ class Broker:
                     journal.LOST,
                     f"{state.unit} did not come back within {timeout}s after the live update: discarding its fds",
                     unit=state.unit,
-                    level=logging.WARNING,
+                    level=journal.WARNING,
                 )
                 self.discard(AGENT, state.unit)
             else:

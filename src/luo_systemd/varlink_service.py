@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import socket
 from collections.abc import Awaitable, Sequence
 from typing import Any, Callable, ClassVar, Optional
@@ -18,9 +17,8 @@ from typing import Any, Callable, ClassVar, Optional
 from luo_systemd import authz, cgroups, errors, varlink
 from luo_systemd.api import Caller, Problem
 from luo_systemd.broker import Broker, when_free
+from luo_systemd.journal import log
 from luo_systemd.ownedfd import OwnedFd, OwnedFds
-
-log = logging.getLogger("luod")
 
 MAX_FDS_PER_CALL = 64
 MAX_CONNECTIONS = 512  # in all; each costs luod two fds
