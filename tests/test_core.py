@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import sys
@@ -165,10 +164,10 @@ def test_manifest_records_replace_and_take_back_units() -> None:
     (``gone``); the header is the last record's.  A version-1 manifest (one document) is still read."""
     whole = manifest()
     demo = CarriedUnit("demo.service", "luod/demo.service", (CarriedFd("cache", FdKind.MEMFD, 5, token=1),))
-    later = dataclasses.replace(whole, written_usec=whole.written_usec + 1, units=(demo,))
-    gone = dataclasses.replace(later, units=())
+    later = whole._replace(written_usec=whole.written_usec + 1, units=(demo,))
+    gone = later._replace(units=())
     replayed = Manifest.replay([whole.encode(), later.encode(), gone.encode(("qemu@vm1.service",))])
-    assert replayed == dataclasses.replace(later, units=(demo,))
+    assert replayed == later._replace(units=(demo,))
     v1 = json.loads(whole.encode())
     del v1["gone"]
     v1["version"] = 1

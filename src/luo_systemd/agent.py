@@ -15,13 +15,13 @@ import stat
 import sys
 
 from luo_systemd import cgroups, config, journal, names, service_manager
-from luo_systemd.api import Problem
+from luo_systemd.api import Problem, wire
 from luo_systemd.broker import Broker, BrokerConfig
 from luo_systemd.errors import LuoError
 from luo_systemd.journal import log
 from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
 from luo_systemd.policy import DROPIN, Policy, parse_policy
-from luo_systemd.state import FdStore, NoFdStore
+from luo_systemd.state import NoFdStore
 
 # Everything up to READY=1 keeps to modules that load fast (tests/test_imports.py checks the list):
 # every opted-in unit waits for READY=1 after a live update.  What only serves afterwards is imported there.
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from luo_systemd.dbus_service import AgentBus
     from luo_systemd.kexec import Loader
     from luo_systemd.kexec_watch import KexecWatcher
+    from luo_systemd.state import FdStore
 
 VARLINK_FDNAME = "varlink"  # FileDescriptorName= of luod.socket
 METRICS_COALESCE_SEC = 0.5
@@ -333,7 +334,6 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
     not told about (memory, a kernel loaded or unloaded).  It never opens /dev/liveupdate (Broker.summary)."""
     import asyncio  # noqa: PLC0415 - after READY=1 (see main)
     import contextlib  # noqa: PLC0415
-    import dataclasses  # noqa: PLC0415
 
     from luo_systemd import metrics  # noqa: PLC0415
     from luo_systemd.inhibitor import RECHECK_SEC, recheck  # noqa: PLC0415 - imports asyncio
@@ -348,7 +348,7 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), RECHECK_SEC)
             continue
-        status = dataclasses.asdict(broker.summary())  # the Status method's wire form, which verify reads
+        status = wire(broker.summary())  # the Status method's wire form, which verify reads
         last = read_last_update(cfg.last_update_file)
         writer.note_finished(status, last)
         if not broker.armed:  # armed, the units are stopping: keep the blackout free of extra work

@@ -9,14 +9,12 @@ a ``LuoError`` raised before anything changed.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import fcntl
 import itertools
 import os
 import stat
 import time
-from typing import Callable, Optional, TypeVar
 
 from luo_systemd import authz, journal, names, syscalls
 from luo_systemd import state as held_state
@@ -41,12 +39,12 @@ from luo_systemd.liveupdate import Backend, Device
 from luo_systemd.manifest import MAX_RECORDS_SIZE, CarriedFd, CarriedUnit, FdKind, Manifest
 from luo_systemd.ownedfd import OwnedFd
 from luo_systemd.policy import NoReturn, OnPreflightFailure, Policy, PreserveAt
+from luo_systemd.records import NamedTuple
 from luo_systemd.state import (
     HELD_KEY_PREFIX,
     LOG_MAX,
     STATE_KEY_PREFIX,
     Entry,
-    FdStore,
     Globals,
     Held,
     StateLog,
@@ -56,7 +54,13 @@ from luo_systemd.state import (
     sealed_memfd,
 )
 
-T = TypeVar("T")
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs luod's start-up, before READY=1
+    from typing import Callable, Optional, TypeVar
+
+    from luo_systemd.state import FdStore
+
+    T = TypeVar("T")
 
 MANIFEST_TOKEN = 0
 MANIFEST_SLACK = 64  # records a manifest session holds beyond twice its units before it is written whole
@@ -68,13 +72,13 @@ class Phase(str, enum.Enum):
     RESTORED = "restored"  # this boot followed a live update; some units have not finished yet
 
 
-@dataclasses.dataclass(frozen=True)
-class BrokerConfig:
+class BrokerConfig(NamedTuple):  # not a dataclass: luod builds it before READY=1 (see luo_systemd.records)
     max_fds_total: int = 4096
     busy_retries: int = 5  # EBUSY on /dev/liveupdate (systemd >= 261 opens it briefly): 1.55 s in all
     env_dir: str = "/run/luod/env"  # restore variables, read by the units through EnvironmentFile=-
 
 
+DEFAULT_CONFIG = BrokerConfig()
 BUSY_BACKOFF_SEC = 0.05  # doubling: 0.05, 0.1, 0.2, 0.4, 0.8
 
 
@@ -108,7 +112,7 @@ class Broker:
         backend: Backend,
         policy_of: Callable[[str], Optional[Policy]],
         store: FdStore,
-        config: BrokerConfig = BrokerConfig(),
+        config: BrokerConfig = DEFAULT_CONFIG,
         extra_checks: tuple[Callable[[], list[Problem]], ...] = (),
         clock: Callable[[], float] = boottime,
     ) -> None:
@@ -855,7 +859,7 @@ def judged(problems: list[Problem], policy_of: Callable[[str], Optional[Policy]]
         policy = policy_of(unit) if unit else None
         return policy is not None and policy.on_preflight_failure is OnPreflightFailure.LEAVE_OUT
 
-    return [dataclasses.replace(p, left_out=leaves_out(p.unit)) for p in problems]
+    return [p._replace(left_out=leaves_out(p.unit)) for p in problems]
 
 
 def memfd_bytes(fd: int) -> int:
