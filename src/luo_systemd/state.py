@@ -34,7 +34,6 @@ type, name and key is checked (``decode``).
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import struct
 import zlib
@@ -45,6 +44,7 @@ from luo_systemd.manifest import MAX_SIZE, FdKind
 from luo_systemd.names import check_client_session_name, check_fd_name, check_unit_name
 from luo_systemd.ownedfd import OwnedFd
 from luo_systemd.records import NamedTuple
+from luo_systemd.varlink import dumps, loads  # json's C half: json imports re
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ def encode_record(
         doc["version"] = STATE_VERSION
     if problems is not None:
         doc["problems"] = [p._asdict() for p in problems]
-    payload = json.dumps(doc).encode()
+    payload = dumps(doc).encode()
     return RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
@@ -252,7 +252,7 @@ def replay(data: bytes) -> dict[str, Any]:
         if zlib.crc32(payload) != crc:
             raise BadManifest(f"agent state log: the record at byte {offset} fails its checksum")
         try:
-            record = json.loads(payload)
+            record = loads(payload)
         except (ValueError, RecursionError) as e:
             raise BadManifest(f"agent state log: the record at byte {offset} is not JSON: {e}") from None
         if not isinstance(record, dict) or (offset == 0) != ("version" in record):
