@@ -9,6 +9,8 @@ See luod(8).
 from __future__ import annotations
 
 import _socket
+import contextlib
+import functools
 import os
 import resource
 import stat
@@ -208,7 +210,6 @@ def preflight(cfg: config.Config, broker: Broker) -> Loader:
 async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener_fd: int) -> int:
     import asyncio  # noqa: PLC0415 - after READY=1 (see main)
     import concurrent.futures  # noqa: PLC0415 - asyncio's own import
-    import functools  # noqa: PLC0415
     import signal  # noqa: PLC0415
     import socket  # noqa: PLC0415
 
@@ -322,8 +323,6 @@ async def join_bus(broker: Broker, cgroup_root: str, watcher: KexecWatcher) -> O
 
 
 def import_dbus_service() -> None:
-    import contextlib  # noqa: PLC0415 - after READY=1
-
     with contextlib.suppress(OSError):  # a lower priority only helps
         os.setpriority(os.PRIO_PROCESS, 0, 19)  # Linux: the calling thread's nice value, not the process's
     import luo_systemd.dbus_service  # noqa: F401, PLC0415
@@ -333,7 +332,6 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
     """Rewrites the metrics textfile at every change of luod's state, and every RECHECK_SEC for what luod is
     not told about (memory, a kernel loaded or unloaded).  It never opens /dev/liveupdate (Broker.summary)."""
     import asyncio  # noqa: PLC0415 - after READY=1 (see main)
-    import contextlib  # noqa: PLC0415
 
     from luo_systemd import metrics  # noqa: PLC0415
     from luo_systemd.inhibitor import RECHECK_SEC, recheck  # noqa: PLC0415 - imports asyncio
@@ -392,7 +390,7 @@ def config_arguments(argv: list[str]) -> Optional[list[str]]:
     """The --config files of luod's command line (None: the standard ones).  luod.service passes no
     arguments; ``--config FILE`` pairs (tests, a luod run by hand) are taken as they are.  argparse (with
     shutil, gettext, bz2 and lzma, which it imports) costs luod's start, which every opted-in unit waits for,
-    more than its whole restore: it sees anything else (--help, --config=FILE, a mistake)."""
+    about as much as the interpreter's own start-up: it sees anything else (--help, --config=FILE, a mistake)."""
     if not argv:
         return None
     options, values = argv[0::2], argv[1::2]
