@@ -334,6 +334,7 @@ class Agent:
         self.log = directory / "luod.log"
         self.fdstore: Optional[dict[str, int]] = None  # a dict: luod's fd store is kept and handed back
         self.env: dict[str, str] = {}  # extra environment for luod
+        self.program = LUOD_PROGRAM  # what ``python -c`` runs as luod
 
     def opt_in(self, unit: str, section: str = POLICY) -> None:
         d = self.policy_dir / f"{unit}.d"
@@ -349,7 +350,7 @@ class Agent:
         # argv[0] '@luod', as the generator arranges it for systemd-shutdown's kill exemption.  Python
         # cannot find its venv from such an argv[0]; the package installs into the system's site dir.
         env["PYTHONPATH"] = python_path()
-        luod = ["bash", "-c", 'exec -a @luod "$@"', "bash", sys.executable, "-c", LUOD_PROGRAM]
+        luod = ["bash", "-c", 'exec -a @luod "$@"', "bash", sys.executable, "-c", self.program]
         # RLIMIT_NOFILE as systemd gives a service without LimitNOFILE=: a soft limit of 1024.
         luod = ["prlimit", "--nofile=1024:", *luod]
         kept = sorted(self.fdstore.items()) if self.fdstore else []

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from luo_systemd import errors
+from luo_systemd.agent import config_arguments
 from tests.contract.scenarios import PAGE, digest, memfd, pattern
 from tests.harness import NOBODY, Agent, DBusDaemon, Emulator, UnitTree
 
@@ -283,3 +284,22 @@ def test_a_unit_that_says_refuse_refuses_the_live_update(agent_unstarted: Agent,
     assert agent.call("Status")[0]["phase"] == "idle"
     problems, _ = agent.call("Arm", {"force": True})
     assert problems["problems"][0]["left_out"] is False, "forced: the unit is not left out, it is tried"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["--config", "a.toml"], ["--config", "a.toml", "--config", "b.toml"], ["--config=a.toml"], ["--conf", "a"]],
+)
+def test_config_files_from_the_command_line_as_argparse_reads_them(argv: list[str]) -> None:
+    """luod takes ``--config FILE`` pairs without argparse (see config_arguments): the same files."""
+    import argparse  # noqa: PLC0415 - the reference
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", action="append")
+    assert config_arguments(argv) == (parser.parse_args(argv).config if argv else None)
+
+
+def test_a_config_option_without_a_file_is_refused_by_argparse(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        config_arguments(["--config", "-x"])
+    assert stop.value.code == 2 and "expected one argument" in capsys.readouterr().err

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import pickle
+import re
+import sys
+from pathlib import Path
 
 import pytest
 
-from luo_systemd import names
+from luo_systemd import config, names
 from luo_systemd.api import Problem, refusing
 from luo_systemd.broker import judged
 from luo_systemd.errors import BadManifest, InvalidName, InvalidRequest
 from luo_systemd.manifest import CarriedFd, CarriedUnit, FdKind, Manifest
 from luo_systemd.policy import FinishMode, NoReturn, OnPreflightFailure, Policy, PreserveAt, RestoreMode, parse_policy
 from luo_systemd.records import NamedTuple
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
 @pytest.mark.parametrize("name", ["a", "cache", "x" * 255, "with space", "~!@#$%^&*()"])
@@ -175,10 +182,10 @@ def test_manifest_records_replace_and_take_back_units() -> None:
     (``gone``); the header is the last record's.  A version-1 manifest (one document) is still read."""
     whole = manifest()
     demo = CarriedUnit("demo.service", "luod/demo.service", (CarriedFd("cache", FdKind.MEMFD, 5, token=1),))
-    later = dataclasses.replace(whole, written_usec=whole.written_usec + 1, units=(demo,))
-    gone = dataclasses.replace(later, units=())
+    later = whole._replace(written_usec=whole.written_usec + 1, units=(demo,))
+    gone = later._replace(units=())
     replayed = Manifest.replay([whole.encode(), later.encode(), gone.encode(("qemu@vm1.service",))])
-    assert replayed == dataclasses.replace(later, units=(demo,))
+    assert replayed == later._replace(units=(demo,))
     v1 = json.loads(whole.encode())
     del v1["gone"]
     v1["version"] = 1
@@ -206,3 +213,46 @@ def test_manifest_refused_when_not_understood(mutate: object, message: str) -> N
         Manifest.decode(json.dumps(doc).encode())
     with pytest.raises(BadManifest, match="not JSON"):
         Manifest.decode(b"\x00garbage")
+
+
+SETS_NOTHING = '# luod(8) configuration\n\n[agent]\n#backend = "kernel"\r\n  # indented\t\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "skipped"),
+    [
+        (SETS_NOTHING, True),  # what the package ships: comments, blank lines, one [agent]
+        ("", True),
+        ('[agent]\nbackend = "emulator"\n', False),
+        ("[agent]\n[agent]\n", False),  # a table defined twice: tomllib refuses it
+        ("# a comment with a\x01control character\n", False),  # refused by TOML, so left to tomllib
+        ("[ agent ]\n", False),  # the same table to TOML, but not this rule's to judge
+        ("[other]\n", False),
+    ],
+)
+def test_a_file_of_comments_is_skipped_and_anything_else_parsed(text: str, skipped: bool) -> None:
+    assert config.sets_nothing(text.encode()) is skipped
+
+
+def test_the_skip_changes_no_outcome(tmp_path: Path) -> None:
+    """Whatever sets_nothing skips parses to no settings; what it leaves to tomllib is still refused."""
+    quiet, twice, control = tmp_path / "quiet.toml", tmp_path / "twice.toml", tmp_path / "control.toml"
+    quiet.write_text(SETS_NOTHING)
+    twice.write_text("[agent]\n[agent]\n")
+    control.write_bytes(b"# \x01\n")
+    assert tomllib.loads(SETS_NOTHING) == {"agent": {}} and config.load([str(quiet)]) == config.Config()
+    for path in (twice, control):
+        with pytest.raises(InvalidRequest, match=re.escape(str(path))):
+            config.load([str(path)])
+
+
+def test_config_types_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "luod.toml"
+    path.write_text('[agent]\nsystemctl = ["systemctl", "--no-ask-password"]\nmax_fds_total = 10\n')
+    assert config.load([str(path)]) == config.Config(systemctl=("systemctl", "--no-ask-password"), max_fds_total=10)
+    path.write_text('[agent]\nsystemctl = "systemctl"\n')
+    with pytest.raises(InvalidRequest, match=r"agent\.systemctl must be a list"):
+        config.load([str(path)])
+    path.write_text("[agent]\nmax_fds = 10\n")
+    with pytest.raises(InvalidRequest, match=r"unknown setting agent\.max_fds"):
+        config.load([str(path)])

@@ -1,6 +1,7 @@
 """The per-unit and per-boot commands import only what they need: luo-hook runs at every start and stop of
-an opted-in unit, the generator at every boot and daemon-reload.  How long they take is bench/run.py's
-business; this checks the modules, which cannot flake."""
+an opted-in unit, the generator at every boot and daemon-reload, and after a live update every opted-in unit
+waits for luod's READY=1.  How long they take is bench/run.py's business; this checks the modules, which
+cannot flake."""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ from pathlib import Path
 import pytest
 
 from luo_systemd.generator import hook_command
-from tests.harness import TOP, python_path
+from tests.harness import LUOD_PROGRAM, TOP, Agent, Emulator, UnitTree, python_path
 
 NEVER = ("asyncio", "dbus_next", "ctypes", "hashlib", "ssl", "dataclasses", "subprocess", "sysconfig")
 NOT_FOR_THE_HOOK = ("typing", "json", "re", "socket", "enum", "array", "luo_systemd.policy")
 # luo_systemd.records says why for the generator's:
 NOT_FOR_THE_GENERATOR = ("typing", "json", "re", "socket", "collections", "enum", "functools")
+# luod up to READY=1 (luo_systemd.agent says why); tomllib too, for the shipped configuration (below).
+NOT_BEFORE_READY = (
+    *("asyncio", "dbus_next", "subprocess", "hashlib", "logging", "dataclasses", "inspect", "typing", "json"),
+    *("re", "socket", "selectors", "signal", "systemd", "luo_systemd.kexec", "luo_systemd.dbus_service"),
+)
 
 # Runs a command as its script would, then prints the modules it loaded, one a line (stdout is free: the
 # commands log to stderr or /dev/kmsg).  The probe itself imports nothing.
@@ -88,3 +94,79 @@ def test_generator_imports_no_agent_machinery(tmp_path: Path) -> None:
     modules = loaded([str(TOP / "generators" / "luo-systemd-generator"), str(out), str(out), str(out)], env)
     assert (out / "demo.service.d" / "50-liveupdate.conf").exists(), "the generator ran"
     assert not {m.split(".")[0] for m in modules} & {*NEVER, *NOT_FOR_THE_GENERATOR}, sorted(modules)
+
+
+# luod as the harness runs it, writing the modules it has loaded when it sends READY=1 to $LUOD_MODULES.
+READY_PROBE = f"""
+import os, sys
+from luo_systemd import service_manager
+send = service_manager.send
+def probe(message, fds=()):
+    if message.startswith("READY=1"):
+        with open(os.environ["LUOD_MODULES"], "w") as f:
+            f.write("\\n".join(sorted(sys.modules)))
+    return send(message, fds)
+service_manager.send = probe
+{LUOD_PROGRAM}
+"""
+
+
+def test_luod_reaches_ready_without_its_serving_modules(tmp_path: Path, emulator: Emulator, tree: UnitTree) -> None:
+    """An empty start, the restore after a live update and the recovery from the fd store."""
+    agent = Agent(tmp_path, emulator, None, tree)
+    agent.program = READY_PROBE
+    agent.fdstore = {}  # kept and handed back, as systemd's fd store
+
+    # The harness's luod.toml sets things: tomllib's own imports are exempt here (the shipped file needs
+    # no parser: the next test).
+    parser = "tomllib" if sys.version_info >= (3, 11) else "tomli"
+    code = f"import sys; before = set(sys.modules); import {parser}; print(*set(sys.modules) - before)"
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True)
+    toml_parser = set(out.stdout.split())
+    assert parser in toml_parser
+
+    def ready_modules(start: str) -> set[str]:
+        path = tmp_path / f"modules-{start}"
+        agent.env = {"LUOD_MODULES": str(path)}
+        agent.start()
+        modules = set(path.read_text().split())
+        assert "luo_systemd.broker" in modules, sorted(modules)
+        ours = modules - toml_parser
+        assert not {m.split(".")[0] for m in ours} & set(NOT_BEFORE_READY), (start, sorted(ours))
+        assert not ours & set(NOT_BEFORE_READY), (start, sorted(ours))
+        return modules
+
+    try:
+        ready_modules("empty")
+        agent.opt_in("demo.service")
+        fd = os.memfd_create("cache", os.MFD_CLOEXEC)
+        try:
+            agent.call("Store", {"unit": "demo.service", "names": ["cache"]}, [fd])
+        finally:
+            os.close(fd)
+        agent.stop()
+        assert "luo_systemd.state" in ready_modules("recovery") and agent.call("List", {"unit": "demo.service"})[0]
+        emulator.load()
+        agent.call("Arm")
+        assert agent.call("Preserve", {"unit": "demo.service"})[0] == {"preserved": 1}
+        emulator.kexec()
+        agent.stop()
+        for kept in agent.fdstore.values():  # the machine went down with the fd store
+            os.close(kept)
+        agent.fdstore = {}
+        assert "luo_systemd.verify" in ready_modules("restore"), "the restore wrote the last update"
+        assert agent.call("Status")[0]["phase"] == "restored"
+    finally:
+        agent.cleanup()
+
+
+def test_the_shipped_configuration_needs_no_toml_parser() -> None:
+    """/usr/lib/luod/luod.toml is every setting commented out (luo_systemd.config.sets_nothing)."""
+    code = (
+        "import sys; from luo_systemd import config\n"
+        f"assert config.load([{str(TOP / 'packaging' / 'luod.toml')!r}]) == config.Config()\n"
+        "print('tomllib' in sys.modules or 'tomli' in sys.modules)"
+    )
+    env = dict(os.environ, PYTHONPATH=python_path())
+    out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

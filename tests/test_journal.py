@@ -6,6 +6,7 @@ import logging
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,31 +42,76 @@ def test_journalctl_compiles_the_catalog(tmp_path: Path) -> None:
     assert "What to do:" in lost
 
 
-def test_lines_about_a_unit_carry_the_field_journalctl_u_matches(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="luod"):
-        journal.event(journal.PRESERVED, "Preserved 1 fd(s) of demo.service", unit="demo.service", fdname="cache")
-        journal.event(journal.MANIFEST, "Manifest written")
-    about, other = caplog.records
-    assert vars(about)["OBJECT_SYSTEMD_UNIT"] == "demo.service" and vars(about)["LUO_FDNAME"] == "cache"
-    assert vars(about)["MESSAGE_ID"] == journal.PRESERVED
-    assert "OBJECT_SYSTEMD_UNIT" not in vars(other)
+def captured(level: int = journal.DEBUG) -> list[journal.Record]:
+    """Records luod's logger hands to its sink from here on (the fixture below puts the sink back)."""
+    records: list[journal.Record] = []
+    journal.log.sink, journal.log.level = records.append, level
+    return records
 
 
-def test_the_journal_handler_sends_the_event_fields() -> None:
-    """What luod's handler hands to sd_journal_sendv() (journald itself is in the nspawn and qemu tiers)."""
+@pytest.fixture(autouse=True)
+def restore_logger() -> Iterator[None]:
+    sink, level = journal.log.sink, journal.log.level
+    yield
+    journal.log.sink, journal.log.level = sink, level
+
+
+def test_lines_about_a_unit_carry_the_field_journalctl_u_matches() -> None:
+    records = captured()
+    journal.event(journal.PRESERVED, "Preserved 1 fd(s) of demo.service", unit="demo.service", fdname="cache")
+    journal.event(journal.MANIFEST, "Manifest written")
+    about, other = records
+    assert about.fields["OBJECT_SYSTEMD_UNIT"] == "demo.service" and about.fields["LUO_FDNAME"] == "cache"
+    assert about.fields["MESSAGE_ID"] == journal.PRESERVED
+    assert "OBJECT_SYSTEMD_UNIT" not in other.fields
+
+
+def test_lines_below_the_level_are_dropped_and_arguments_formatted() -> None:
+    records = captured(journal.WARNING)
+    journal.log.info("not shown %s", "at all")
+    journal.log.warning("Failed to preserve '%s' of %s: %s", "x", "demo.service", "too big")
+    (line,) = records
+    assert line.message == "Failed to preserve 'x' of demo.service: too big" and line.level == journal.WARNING
+    assert line.code_func == "test_lines_below_the_level_are_dropped_and_arguments_formatted"
+
+
+def test_the_journal_sink_sends_the_event_fields() -> None:
+    """What luod's sink hands to sd_journal_sendv() (journald itself is in the nspawn and qemu tiers)."""
     sent: list[tuple[str, ...]] = []
-    handler = journal.JournalHandler("luod")
-    handler.sendv = lambda *fields: sent.append(fields)
-    logger = logging.getLogger("luod.test-handler")
-    logger.addHandler(handler)
-    logger.propagate = False
-    logger.setLevel(logging.DEBUG)
-    try:
-        logger.log(25, "Preserved 1 fd(s)", extra={"MESSAGE_ID": journal.PRESERVED, **journal.about("demo.service")})
-    finally:
-        logger.removeHandler(handler)
+    sink = journal.JournalSink("luod")
+    sink.sendv = lambda *fields: sent.append(fields)
+    journal.log.sink, journal.log.level = sink, journal.DEBUG
+    extra = {"MESSAGE_ID": journal.PRESERVED, **journal.about("demo.service")}
+    journal.log.log(journal.NOTICE, "Preserved %d fd(s)", 1, extra=extra)
     fields = dict(f.split("=", 1) for f in sent[0])
     assert fields["MESSAGE"] == "Preserved 1 fd(s)" and fields["PRIORITY"] == "5"  # NOTICE
     assert fields["SYSLOG_IDENTIFIER"] == "luod" and fields["MESSAGE_ID"] == journal.PRESERVED
     assert fields["OBJECT_SYSTEMD_UNIT"] == "demo.service" and fields["CODE_FUNC"]
     assert not [k for k in fields if not k.isupper()], "journald drops lower-case fields"
+
+
+def test_an_internal_error_carries_its_traceback() -> None:
+    records = captured()
+    try:
+        raise KeyError("boom")
+    except KeyError:
+        journal.log.exception("Internal error in %s", "Store")
+    (line,) = records
+    assert line.message == "Internal error in Store" and line.level == journal.ERROR
+    assert line.exception.startswith("Traceback") and "KeyError: 'boom'" in line.exception
+
+
+def test_logging_records_reach_the_same_sink() -> None:
+    """asyncio's and dbus-next's records, once luod has routed logging (after READY=1)."""
+    records = captured(journal.INFO)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        journal.route_logging()
+        logging.getLogger("asyncio").debug("below luod's level")
+        logging.getLogger("asyncio").error("Task exception was never retrieved", extra={"MESSAGE_ID": "x"})
+    finally:
+        root.handlers[:], root.level = handlers, level
+    (line,) = records
+    assert line.message == "Task exception was never retrieved" and line.logger == "asyncio"
+    assert line.level == journal.ERROR and line.fields == {"MESSAGE_ID": "x"}

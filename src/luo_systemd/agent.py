@@ -8,34 +8,34 @@ See luod(8).
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import functools
-import logging
 import os
 import resource
-import signal
-import socket
 import stat
 import sys
-from typing import TYPE_CHECKING, Callable, Optional
 
-from luo_systemd import cgroups, config, journal, names
-from luo_systemd.api import Problem
+from luo_systemd import cgroups, config, journal, names, service_manager
+from luo_systemd.api import Problem, wire
 from luo_systemd.broker import Broker, BrokerConfig
 from luo_systemd.errors import LuoError
+from luo_systemd.journal import log
 from luo_systemd.liveupdate import Backend, emulator_backend, kernel_backend
 from luo_systemd.policy import DROPIN, Policy, parse_policy
-from luo_systemd.service_manager import listen_fds
-from luo_systemd.state import FdStore, NoFdStore
+from luo_systemd.state import NoFdStore
 
+# Everything up to READY=1 keeps to modules that load fast (tests/test_imports.py checks the list):
+# every opted-in unit waits for READY=1 after a live update.  What only serves afterwards is imported there.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
+    from typing import Callable, Optional
 
     from luo_systemd.dbus_service import AgentBus
     from luo_systemd.kexec import Loader
     from luo_systemd.kexec_watch import KexecWatcher
-
-log = logging.getLogger("luod")
+    from luo_systemd.state import FdStore
 
 VARLINK_FDNAME = "varlink"  # FileDescriptorName= of luod.socket
 METRICS_COALESCE_SEC = 0.5
@@ -46,22 +46,11 @@ class SystemdFdStore:
     emulator are sockets that may report POLLHUP; systemd would drop them)."""
 
     def keep(self, key: str, fd: int) -> None:
-        from systemd import daemon  # noqa: PLC0415 - imported only under a service manager
-
-        if not daemon.notify(f"FDSTORE=1\nFDNAME={key}\nFDPOLL=0", fds=[fd]):
+        if not service_manager.send(f"FDSTORE=1\nFDNAME={key}\nFDPOLL=0", [fd]):
             log.warning("Could not keep %s in the fd store: an agent crash would lose it", key)
 
     def drop(self, key: str) -> None:
-        from systemd import daemon  # noqa: PLC0415
-
-        daemon.notify(f"FDSTOREREMOVE=1\nFDNAME={key}")
-
-
-def notify(message: str) -> None:
-    if os.environ.get("NOTIFY_SOCKET"):
-        from systemd import daemon  # noqa: PLC0415
-
-        daemon.notify(message)
+        service_manager.send(f"FDSTOREREMOVE=1\nFDNAME={key}")
 
 
 def policy_reader(policy_dir: str) -> Callable[[str], Optional[Policy]]:
@@ -172,11 +161,11 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def start(cfg: config.Config) -> tuple[Broker, socket.socket]:
+def start(cfg: config.Config) -> tuple[Broker, int]:
     """Everything up to READY=1, without the event loop: the recovery or the restore, and the Varlink
-    socket listening (callers queue in its backlog until ``serve`` answers them)."""
+    socket listening, as an fd (callers queue in its backlog until ``serve`` answers them)."""
     raise_fd_limit()
-    fds = listen_fds()
+    fds = service_manager.listen_fds()
     store: FdStore = SystemdFdStore() if os.environ.get("NOTIFY_SOCKET") else NoFdStore()
     if isinstance(store, NoFdStore):
         log.warning("Not running under a service manager: an agent crash would lose every stored fd")
@@ -218,9 +207,11 @@ def preflight(cfg: config.Config, broker: Broker) -> Loader:
     return loader
 
 
-async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener: socket.socket) -> int:
+async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener_fd: int) -> int:
     import asyncio  # noqa: PLC0415 - after READY=1 (see main)
     import concurrent.futures  # noqa: PLC0415 - asyncio's own import
+    import signal  # noqa: PLC0415
+    import socket  # noqa: PLC0415
 
     from luo_systemd.kexec_watch import KexecWatcher  # noqa: PLC0415 - imports asyncio
     from luo_systemd.varlink_service import VarlinkService  # noqa: PLC0415 - imports asyncio
@@ -228,7 +219,8 @@ async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener: so
     cgroup_root = cgroups.manager_root(cgroups.cgroup_path("self"))
     tasks: list[asyncio.Task[object]] = []
     watcher = KexecWatcher(broker, loader, cfg.systemctl)
-    tasks.append(asyncio.ensure_future(VarlinkService(broker, cgroup_root, watcher.before_preserve).serve(listener)))
+    varlink = VarlinkService(broker, cgroup_root, watcher.before_preserve)
+    tasks.append(asyncio.ensure_future(varlink.serve(socket.socket(fileno=listener_fd))))
 
     stop = asyncio.Event()
     failed: list[BaseException] = []
@@ -285,10 +277,11 @@ async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener: so
             changed = asyncio.Event()
             broker.listeners.append(changed.set)
             tasks.append(asyncio.ensure_future(keep_blocking(broker, loader, block, changed)))
-        notify(f"STATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), on the bus as {BUS_NAME}")
+        status = f"Phase {broker.phase.value}, {len(broker.units)} unit(s), on the bus as {BUS_NAME}"
+        service_manager.send(f"STATUS={status}")
     await stop.wait()
     # Our fds live on in the fd store; a restart picks them up.
-    notify("STOPPING=1")
+    service_manager.send("STOPPING=1")
     for task in tasks:
         task.cancel()
     if bus is not None:
@@ -339,7 +332,6 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
     """Rewrites the metrics textfile at every change of luod's state, and every RECHECK_SEC for what luod is
     not told about (memory, a kernel loaded or unloaded).  It never opens /dev/liveupdate (Broker.summary)."""
     import asyncio  # noqa: PLC0415 - after READY=1 (see main)
-    import dataclasses  # noqa: PLC0415
 
     from luo_systemd import metrics  # noqa: PLC0415
     from luo_systemd.inhibitor import RECHECK_SEC, recheck  # noqa: PLC0415 - imports asyncio
@@ -354,7 +346,7 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), RECHECK_SEC)
             continue
-        status = dataclasses.asdict(broker.summary())  # the Status method's wire form, which verify reads
+        status = wire(broker.summary())  # the Status method's wire form, which verify reads
         last = read_last_update(cfg.last_update_file)
         writer.note_finished(status, last)
         if not broker.armed:  # armed, the units are stopping: keep the blackout free of extra work
@@ -379,24 +371,31 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
             await asyncio.wait_for(changed.wait(), RECHECK_SEC)
 
 
-def activated_or_bound(fds: Optional[list[int]], path: str) -> socket.socket:
+def activated_or_bound(fds: Optional[list[int]], path: str) -> int:
+    """The listening Varlink socket's fd: luod.socket's, else bound here.  ``_socket``, the C half of socket:
+    socket imports enum and selectors, which only serve after READY=1."""
     if fds:
-        return socket.socket(fileno=fds[0])
+        return fds[0]
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     if os.path.exists(path):
         os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     sock.bind(path)
     os.chmod(path, 0o666)  # open to local callers: every method authorizes its caller itself
     sock.listen(128)
-    return sock
+    return sock.detach()
 
 
 def config_arguments(argv: list[str]) -> Optional[list[str]]:
     """The --config files of luod's command line (None: the standard ones).  luod.service passes no
-    arguments, and argparse costs luod's start, which every opted-in unit waits for, several milliseconds."""
+    arguments; ``--config FILE`` pairs (tests, a luod run by hand) are taken as they are.  argparse (with
+    shutil, gettext, bz2 and lzma, which it imports) costs luod's start, which every opted-in unit waits for,
+    about as much as the interpreter's own start-up: it sees anything else (--help, --config=FILE, a mistake)."""
     if not argv:
         return None
+    options, values = argv[0::2], argv[1::2]
+    if len(options) == len(values) and set(options) == {"--config"} and not any(v.startswith("-") for v in values):
+        return values
     import argparse  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="luod", description="The live-update agent (see luod(8)).")
@@ -414,18 +413,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("Bad configuration: %s", e)
         return 1
     try:
-        broker, listener = start(cfg)
+        broker, listener_fd = start(cfg)
     except LuoError as e:
         log.error("%s", e)
         return 1
     # READY=1 before asyncio and D-Bus are imported: every opted-in unit waits for it after a kexec.
     backend = broker.backend.kind
-    notify(f"READY=1\nSTATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), backend {backend}")
+    service_manager.send(f"READY=1\nSTATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), backend {backend}")
     log.info("luod ready (backend %s, phase %s)", backend, broker.phase.value)
     import asyncio  # noqa: PLC0415
 
+    journal.route_logging()  # asyncio's records (and dbus-next's)
     try:
-        return asyncio.run(serve(cfg, broker, preflight(cfg, broker), listener))
+        return asyncio.run(serve(cfg, broker, preflight(cfg, broker), listener_fd))
     except LuoError as e:
         log.error("%s", e)
         return 1

@@ -1,18 +1,21 @@
 """The values the agent's API speaks in, shared by both adapters (D-Bus, Varlink) and both clients.
 
 Frozen: a value that left the broker cannot change behind its reader's back.  Each adapter translates
-these to its wire format in one place; nothing indexes untyped dicts.
+these to its wire format in one place; nothing indexes untyped dicts.  NamedTuples, not dataclasses: luod
+imports this module before READY=1 (see luo_systemd.records).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterable
-from typing import Optional
+from luo_systemd.records import NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any, Optional
 
 
-@dataclasses.dataclass(frozen=True)
-class Caller:
+class Caller(NamedTuple):
     """Who called: the uid, and the unit of the process, read through a pidfd that pinned it."""
 
     uid: int
@@ -31,8 +34,7 @@ class Caller:
 AGENT = Caller(uid=0, pid=0, unit=None)  # luod itself, acting on its own decisions (expiry, kexec watch)
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     unit: str  # "" for the whole system
     message: str
     left_out: bool = False  # the unit is left out of the live update (OnPreflightFailure=leave-out): no veto
@@ -47,8 +49,7 @@ def refusing(problems: Iterable[Problem]) -> list[Problem]:
     return [p for p in problems if not p.left_out]
 
 
-@dataclasses.dataclass(frozen=True)
-class FdInfo:
+class FdInfo(NamedTuple):
     name: str
     kind: str  # "memfd" or "session"
     state: str  # "stored", "preserved" or "restored"
@@ -56,8 +57,7 @@ class FdInfo:
     session: str  # kind "session": the LUO session's name
 
 
-@dataclasses.dataclass(frozen=True)
-class UnitStatus:
+class UnitStatus(NamedTuple):
     unit: str
     stored: int
     preserved: int
@@ -66,11 +66,21 @@ class UnitStatus:
     finished: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class AgentStatus:
+class AgentStatus(NamedTuple):
     phase: str
     supported: bool
     backend: str
     live_update_count: int
     units: tuple[UnitStatus, ...]  # only the caller's own unit unless the caller is root
     problems: tuple[Problem, ...]
+
+
+def wire(value: object) -> Any:
+    """A value of this module as plain data (Varlink's JSON, the metrics' status): a dict of its fields,
+    each field in its wire form, tuples as lists."""
+    fields = getattr(value, "_fields", None)
+    if fields is not None:
+        return {name: wire(getattr(value, name)) for name in fields}
+    if isinstance(value, (tuple, list)):
+        return [wire(v) for v in value]
+    return value

@@ -8,12 +8,15 @@ only: root may still name units, anyone else is refused.  Every method authorize
 
 from __future__ import annotations
 
-from typing import Optional
-
 from luo_systemd import cgroups, names
 from luo_systemd.api import Caller
 from luo_systemd.errors import AccessDenied
-from luo_systemd.ownedfd import OwnedFd
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
+
+    from luo_systemd.ownedfd import OwnedFd
 
 
 def identify(uid: int, pid: int, pidfd: Optional[OwnedFd], cgroup_root: str, no_pidfd_reason: str) -> Caller:

@@ -9,15 +9,12 @@ a ``LuoError`` raised before anything changed.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import fcntl
 import itertools
-import logging
 import os
 import stat
 import time
-from typing import Callable, Optional, TypeVar
 
 from luo_systemd import authz, journal, names, syscalls
 from luo_systemd import state as held_state
@@ -37,16 +34,17 @@ from luo_systemd.errors import (
     PreflightFailed,
     WrongPhase,
 )
+from luo_systemd.journal import log
 from luo_systemd.liveupdate import Backend, Device
 from luo_systemd.manifest import MAX_RECORDS_SIZE, CarriedFd, CarriedUnit, FdKind, Manifest
 from luo_systemd.ownedfd import OwnedFd
 from luo_systemd.policy import NoReturn, OnPreflightFailure, Policy, PreserveAt
+from luo_systemd.records import NamedTuple
 from luo_systemd.state import (
     HELD_KEY_PREFIX,
     LOG_MAX,
     STATE_KEY_PREFIX,
     Entry,
-    FdStore,
     Globals,
     Held,
     StateLog,
@@ -56,8 +54,13 @@ from luo_systemd.state import (
     sealed_memfd,
 )
 
-log = logging.getLogger("luod")
-T = TypeVar("T")
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs luod's start-up, before READY=1
+    from typing import Callable, Optional, TypeVar
+
+    from luo_systemd.state import FdStore
+
+    T = TypeVar("T")
 
 MANIFEST_TOKEN = 0
 MANIFEST_SLACK = 64  # records a manifest session holds beyond twice its units before it is written whole
@@ -69,13 +72,13 @@ class Phase(str, enum.Enum):
     RESTORED = "restored"  # this boot followed a live update; some units have not finished yet
 
 
-@dataclasses.dataclass(frozen=True)
-class BrokerConfig:
+class BrokerConfig(NamedTuple):  # not a dataclass: luod builds it before READY=1 (see luo_systemd.records)
     max_fds_total: int = 4096
     busy_retries: int = 5  # EBUSY on /dev/liveupdate (systemd >= 261 opens it briefly): 1.55 s in all
     env_dir: str = "/run/luod/env"  # restore variables, read by the units through EnvironmentFile=-
 
 
+DEFAULT_CONFIG = BrokerConfig()
 BUSY_BACKOFF_SEC = 0.05  # doubling: 0.05, 0.1, 0.2, 0.4, 0.8
 
 
@@ -109,7 +112,7 @@ class Broker:
         backend: Backend,
         policy_of: Callable[[str], Optional[Policy]],
         store: FdStore,
-        config: BrokerConfig = BrokerConfig(),
+        config: BrokerConfig = DEFAULT_CONFIG,
         extra_checks: tuple[Callable[[], list[Problem]], ...] = (),
         clock: Callable[[], float] = boottime,
     ) -> None:
@@ -227,7 +230,7 @@ class Broker:
                 kind, session = self.probe_kind(fd.fileno())
             except InvalidFd as e:
                 journal.event(
-                    journal.REFUSED, f"Refused '{name}' of {unit}: {e}", unit=unit, fdname=name, level=logging.WARNING
+                    journal.REFUSED, f"Refused '{name}' of {unit}: {e}", unit=unit, fdname=name, level=journal.WARNING
                 )
                 raise InvalidFd(f"Refusing to store {name!r} of {unit}: {e}") from None
             probed.append((name, fd, kind, session))
@@ -421,7 +424,7 @@ class Broker:
                 f"Failed to preserve '{name}' of {state.unit}: {e.reason}",
                 unit=state.unit,
                 fdname=name,
-                level=logging.ERROR,
+                level=journal.ERROR,
             )
             raise
         state.out_session, state.preserved = session, wanted
@@ -594,7 +597,7 @@ class Broker:
                 + "; ".join(p.message for p in problems if p.unit == unit)
                 + " (OnPreflightFailure=leave-out): it stops and starts as at a reboot, its fds are not carried",
                 unit=unit,
-                level=logging.WARNING,
+                level=journal.WARNING,
             )
             if unit in self.units:
                 self._drop_out_session(self.units[unit])  # PreserveAt=store preserved it already
@@ -693,7 +696,7 @@ class Broker:
                 # Never guess: the sessions stay pinned until the next kexec and nothing is restored.
                 self.problems.append(Problem("", f"Refusing the manifest of the previous kernel: {e}"))
                 journal.event(
-                    journal.REFUSED, f"Refusing the manifest of the previous kernel: {e}", level=logging.CRITICAL
+                    journal.REFUSED, f"Refusing the manifest of the previous kernel: {e}", level=journal.CRITICAL
                 )
                 self.manifest_session = self._hold(OwnedFd(luod))
                 self._changed()
@@ -709,7 +712,7 @@ class Broker:
                         journal.LOST,
                         f"Failed to restore {carried.unit}: {e}",
                         unit=carried.unit,
-                        level=logging.ERROR,
+                        level=journal.ERROR,
                     )
             self.manifest_session = incoming
             self._changed()
@@ -766,7 +769,7 @@ class Broker:
                     journal.LOST,
                     f"{state.unit} did not come back within {timeout}s after the live update: discarding its fds",
                     unit=state.unit,
-                    level=logging.WARNING,
+                    level=journal.WARNING,
                 )
                 self.discard(AGENT, state.unit)
             else:
@@ -856,7 +859,7 @@ def judged(problems: list[Problem], policy_of: Callable[[str], Optional[Policy]]
         policy = policy_of(unit) if unit else None
         return policy is not None and policy.on_preflight_failure is OnPreflightFailure.LEAVE_OUT
 
-    return [dataclasses.replace(p, left_out=leaves_out(p.unit)) for p in problems]
+    return [p._replace(left_out=leaves_out(p.unit)) for p in problems]
 
 
 def memfd_bytes(fd: int) -> int:

@@ -7,16 +7,19 @@ PID that is reused in between cannot lend its unit to another process.  There is
 
 from __future__ import annotations
 
+import _socket as socket  # the C half: socket imports enum and selectors (luod's start-up, before READY=1)
 import os
 import select
-import socket
 import struct
-from typing import Optional
 
 from luo_systemd import syscalls
 from luo_systemd.errors import AccessDenied
 from luo_systemd.names import is_unit_name
 from luo_systemd.ownedfd import OwnedFd
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 SO_PEERPIDFD = 77  # Linux 6.5; not in Python's socket module yet
 

@@ -3,26 +3,23 @@ drop-ins in luod.toml.d/ (later files override earlier ones, key by key).  See l
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-from collections.abc import Iterable
-from typing import Any
 
 from luo_systemd.errors import InvalidRequest
 from luo_systemd.liveupdate import DEFAULT_EMULATOR_SOCKET
+from luo_systemd.records import NamedTuple
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # RHEL 9 and Debian 11 have Python 3.9
-    import tomli as tomllib
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
 
 CONFIG_DIRS = ("/usr/lib/luod", "/run/luod", "/etc/luod")
 BACKENDS = ("kernel", "emulator")
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):  # not a dataclass: luod reads it before READY=1 (see luo_systemd.records)
     backend: str = "kernel"  # never falls back to the emulator by itself
     emulator_socket: str = DEFAULT_EMULATOR_SOCKET
     varlink_socket: str = "/run/luod/liveupdate.sock"  # used when not socket-activated
@@ -31,7 +28,7 @@ class Config:
     max_fds_total: int = 4096
     busy_retries: int = 5
     dbus: bool = True  # serve io.liveupdate.Agent1 on the system bus
-    systemctl: list[str] = dataclasses.field(default_factory=lambda: ["systemctl"])  # asks PID 1 about kexec jobs
+    systemctl: tuple[str, ...] = ("systemctl",)  # asks PID 1 about kexec jobs (a TOML array)
     inhibit_dir: str = "/run/luod/inhibit"  # UNIT files: why that unit cannot be live-updated now (pre-flight)
     running_kernel_image: str = ""  # the running kernel's image, for its LUO format; "" = /boot/vmlinuz-RELEASE
     next_kernel_file: str = "/run/luod/next-kernel.json"  # what liveupdatectl loaded (the kernel cannot tell)
@@ -55,23 +52,60 @@ def config_files(dirs: Iterable[str] = CONFIG_DIRS) -> list[str]:
     return files + [dropins[n] for n in sorted(dropins)]
 
 
+def sets_nothing(data: bytes) -> bool:
+    """Whether a file is, line by line, only blank lines, comments and at most one ``[agent]`` header: then
+    it sets nothing, as the shipped /usr/lib/luod/luod.toml (every setting commented out).  luod reads it at
+    every start, before READY=1, and tomllib with its imports (re, datetime, string) costs that start more
+    than the rest of the configuration.  Anything else, or a comment TOML refuses (a control character,
+    bytes that are not UTF-8), is left to tomllib."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return False
+    headers = 0
+    for raw in text.split("\n"):
+        line = raw.removesuffix("\r").strip(" \t")
+        if line == "[agent]":
+            headers += 1
+        elif line and not (line.startswith("#") and all(c == "\t" or " " <= c != "\x7f" for c in line)):
+            return False
+    return headers <= 1
+
+
+def parse(path: str) -> dict[str, Any]:
+    """The settings of one file, by key."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InvalidRequest(f"{path}: {e}") from None
+    if sets_nothing(data):
+        return {}
+    if sys.version_info >= (3, 11):
+        import tomllib  # noqa: PLC0415 - only for a file that sets something (see sets_nothing)
+    else:  # RHEL 9 and Debian 11 have Python 3.9
+        import tomli as tomllib  # noqa: PLC0415
+
+    try:
+        doc = tomllib.loads(data.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise InvalidRequest(f"{path}: {e}") from None
+    agent: dict[str, Any] = doc.get("agent", {})
+    return agent
+
+
 def load(files: Iterable[str]) -> Config:
     values: dict[str, Any] = {}
-    fields = {f.name: f for f in dataclasses.fields(Config)}
+    defaults = Config._field_defaults
     for path in files:
-        try:
-            with open(path, "rb") as f:
-                doc = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise InvalidRequest(f"{path}: {e}") from None
-        for key, value in doc.get("agent", {}).items():
-            field = fields.get(key)
-            if field is None:
+        for key, value in parse(path).items():
+            if key not in defaults:
                 raise InvalidRequest(f"{path}: unknown setting agent.{key}")
-            expected = list if field.default is dataclasses.MISSING else type(field.default)
+            # The one array (systemctl) is kept as a tuple: a Config cannot change behind its readers' backs.
+            expected = list if type(defaults[key]) is tuple else type(defaults[key])
             if type(value) is not expected:
                 raise InvalidRequest(f"{path}: agent.{key} must be a {expected.__name__}")
-            values[key] = value
+            values[key] = tuple(value) if expected is list else value
     config = Config(**values)
     if config.backend not in BACKENDS:
         raise InvalidRequest(f"agent.backend must be one of {', '.join(BACKENDS)}, not {config.backend!r}")

@@ -218,7 +218,7 @@ def problems_of(wire: list[dict[str, Any]]) -> list[Problem]:
 
 
 def rows(problems: list[Problem]) -> list[dict[str, Any]]:
-    return [dataclasses.asdict(p) for p in problems]
+    return [p._asdict() for p in problems]
 
 
 def warn(problems: list[Problem], forced: str) -> None:

@@ -21,7 +21,6 @@ import asyncio
 import contextvars
 import functools
 import inspect
-import logging
 from collections.abc import Awaitable
 from typing import Any, Callable, Optional
 
@@ -34,10 +33,9 @@ from dbus_next.service import ServiceInterface, dbus_property, method, signal
 from luo_systemd import authz, errors
 from luo_systemd.api import AGENT, Caller, Problem
 from luo_systemd.broker import Broker, when_free
+from luo_systemd.journal import log
 from luo_systemd.ownedfd import OwnedFd, OwnedFds
 from luo_systemd.varlink import close_all
-
-log = logging.getLogger("luod")
 
 BUS_NAME = "io.liveupdate.Agent1"
 OBJECT_PATH = "/io/liveupdate/Agent1"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 from collections.abc import Awaitable, Sequence
 from typing import Callable, Optional
@@ -22,9 +21,8 @@ from typing import Callable, Optional
 from luo_systemd.api import Problem, refusing
 from luo_systemd.broker import Broker
 from luo_systemd.errors import LuoError
+from luo_systemd.journal import log
 from luo_systemd.kexec import Loader
-
-log = logging.getLogger("luod")
 
 RECHECK_SEC = 15.0
 

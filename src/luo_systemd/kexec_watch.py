@@ -12,16 +12,14 @@ loaded) is answered without forking systemctl.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from luo_systemd import journal, processes
 from luo_systemd.api import AGENT, refusing
 from luo_systemd.broker import Broker
 from luo_systemd.errors import LuoError
+from luo_systemd.journal import log
 from luo_systemd.kexec import Loader
-
-log = logging.getLogger("luod")
 
 KEXEC_TARGET = "kexec.target"
 SYSTEMCTL_TIMEOUT_SEC = 5.0
@@ -76,5 +74,5 @@ class KexecWatcher:
         journal.event(
             journal.REFUSED,
             f"Refusing the kexec started without liveupdatectl, the pre-flight failed: {reasons}; {outcome}",
-            level=logging.CRITICAL,
+            level=journal.CRITICAL,
         )

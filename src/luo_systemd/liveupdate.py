@@ -11,17 +11,15 @@ allows one open file description at a time and systemd >= 261 needs it too.
 
 from __future__ import annotations
 
+import _socket as socket  # the C half: socket imports enum and selectors (luod's start-up, before READY=1)
 import array
 import contextlib
 import ctypes
 import errno
 import fcntl
 import os
-import socket
 import struct
 import time
-from collections.abc import Iterator
-from typing import Optional, Protocol
 
 from luo_systemd import uapi
 from luo_systemd.errors import (
@@ -37,6 +35,11 @@ from luo_systemd.errors import (
     TokenInUse,
 )
 from luo_systemd.uapi import Ioctl
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Optional, Protocol
 
 DEFAULT_EMULATOR_SOCKET = "/run/luo-emu/liveupdate.sock"
 
@@ -98,14 +101,16 @@ def kernel_error(op: Optional[Ioctl], err: int, subject: str = "") -> KernelErro
     return cls(what, err, reason)
 
 
-class Transport(Protocol):
-    """How ioctls reach a LUO implementation.  Errors are raised as OSError with the kernel's errno."""
+if TYPE_CHECKING:  # a Protocol is for the type checker: typing costs luod's start-up
 
-    kind: str
+    class Transport(Protocol):
+        """How ioctls reach a LUO implementation.  Errors are raised as OSError with the kernel's errno."""
 
-    def open_device(self) -> int: ...
+        kind: str
 
-    def ioctl(self, fd: int, request: Ioctl, arg: bytearray, fd_arg: Optional[int]) -> None: ...
+        def open_device(self) -> int: ...
+
+        def ioctl(self, fd: int, request: Ioctl, arg: bytearray, fd_arg: Optional[int]) -> None: ...
 
 
 class KernelTransport:
@@ -188,7 +193,7 @@ class EmulatorTransport:
         return sock
 
     def control(self, request: int, payload: bytes = b"", fds: Optional[list[int]] = None) -> bytes:
-        with self.connect() as sock:
+        with contextlib.closing(self.connect()) as sock:
             data, rfds = emu_call(sock, request, payload, fds or [])
         for fd in rfds:
             os.close(fd)
@@ -206,11 +211,11 @@ class EmulatorTransport:
     def ioctl(self, fd: int, request: Ioctl, arg: bytearray, fd_arg: Optional[int]) -> None:
         if request in uapi.DEVICE_IOCTLS:
             # ``fd`` is the device connection itself.
-            with socket.socket(fileno=os.dup(fd)) as sock:
+            with contextlib.closing(socket.socket(fileno=os.dup(fd))) as sock:
                 reply, rfds = emu_call(sock, request, bytes(arg), [])
         else:
             fds = [fd] if fd_arg is None else [fd, fd_arg]
-            with self.connect() as sock:
+            with contextlib.closing(self.connect()) as sock:
                 reply, rfds = emu_call(sock, request, bytes(arg), fds)
         arg[: len(reply)] = reply
         if rfds:

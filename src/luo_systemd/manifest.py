@@ -12,13 +12,16 @@ understand is refused, never guessed at.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import json
-from typing import Any
 
 from luo_systemd.errors import BadManifest, InvalidName
 from luo_systemd.names import SESSION_NAME_MAX, check_client_session_name, check_fd_name, check_unit_name
+from luo_systemd.records import NamedTuple
+from luo_systemd.varlink import dumps, loads  # json's C half: json imports re
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 FORMAT = "io.liveupdate.manifest"
 VERSION = 2
@@ -32,8 +35,7 @@ class FdKind(str, enum.Enum):
     SESSION = "session"  # a LUO session the unit stored; carried as a session of its own, by name
 
 
-@dataclasses.dataclass(frozen=True)
-class CarriedFd:
+class CarriedFd(NamedTuple):  # not a dataclass: luod restores before READY=1 (see luo_systemd.records)
     name: str
     kind: FdKind
     order: int
@@ -41,16 +43,14 @@ class CarriedFd:
     session: str = ""  # session: the LUO session's name
 
 
-@dataclasses.dataclass(frozen=True)
-class CarriedUnit:
+class CarriedUnit(NamedTuple):
     unit: str
     session: str  # the unit's own session (memfds); "" if it carried none
     fds: tuple[CarriedFd, ...] = ()
     client_sessions: tuple[tuple[str, str], ...] = ()  # (name the unit gave it, LUO session name)
 
 
-@dataclasses.dataclass(frozen=True)
-class Manifest:
+class Manifest(NamedTuple):
     update_count: int  # live updates so far, this one included
     written_usec: int  # CLOCK_REALTIME when written
     kernel: str  # release of the kernel that wrote it
@@ -78,7 +78,7 @@ class Manifest:
                 for u in self.units
             ],
         }
-        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return dumps(doc).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
@@ -117,7 +117,7 @@ class Manifest:
 def _document(data: bytes) -> dict[str, Any]:
     """A record's JSON, of a format and version this agent reads."""
     try:
-        doc = json.loads(data)
+        doc = loads(data)
     except (ValueError, RecursionError) as e:
         raise BadManifest(f"manifest is not JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:

@@ -4,9 +4,13 @@ metrics textfile."""
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
+
+from luo_systemd.varlink import dumps, loads  # json's C half: luod writes the last update before READY=1
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -20,13 +24,13 @@ def write_atomically(path: str, text: str) -> None:
 
 def write_json(path: str, doc: Any) -> None:
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    write_atomically(path, json.dumps(doc))
+    write_atomically(path, dumps(doc))
 
 
 def read_json(path: str) -> Any:
     """The document, or None if there is no file."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            return loads(f.read())
     except FileNotFoundError:
         return None

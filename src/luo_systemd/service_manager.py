@@ -1,7 +1,8 @@
 """The service manager's fd protocol from the service's side, stdlib only: the fds it passed
-(``LISTEN_FDS``/``LISTEN_FDNAMES``, as sd_listen_fds_with_names()) and notifications with fds, ended by a
-barrier (as sd_pid_notify_barrier()), for luo-hook, luod and luo-qemu.  It uses ``_socket``, the C half of
-socket: socket imports enum and selectors, which cost luo-hook more than its own work.
+(``LISTEN_FDS``/``LISTEN_FDNAMES``, as sd_listen_fds_with_names()) and notifications with fds, for luod,
+and ended by a barrier (as sd_pid_notify_barrier()) for the short-lived luo-hook and luo-qemu.  It uses
+``_socket``, the C half of socket: socket imports enum and selectors, which cost luo-hook (and luod's
+start-up) more than their own work.
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ def notify_socket() -> socket.socket:
 def send_fds(sock: socket.socket, message: bytes, fds: Sequence[int]) -> None:
     """socket.send_fds() for a _socket."""
     sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_bytes(fds))] if fds else [])
+
+
+def send(message: str, fds: Sequence[int] = ()) -> bool:
+    """One notification, as sd_pid_notify_with_fds(): False if there is no service manager to tell.  No
+    barrier: for luod, which lives on after it (READY=1, and FDSTORE=1 for every fd it takes over)."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return False
+    sock = notify_socket()
+    try:
+        send_fds(sock, message.encode(), fds)
+    finally:
+        sock.close()
+    return True
 
 
 def notify(messages: Sequence[tuple[str, Sequence[int]]]) -> None:

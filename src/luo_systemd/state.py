@@ -33,21 +33,23 @@ type, name and key is checked (``decode``).
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
-import json
 import os
-import signal
 import struct
 import zlib
-from collections.abc import Iterable
-from typing import Any, Optional, Protocol
 
 from luo_systemd.api import Problem
 from luo_systemd.errors import BadManifest, InvalidName
 from luo_systemd.manifest import MAX_SIZE, FdKind
 from luo_systemd.names import check_client_session_name, check_fd_name, check_unit_name
 from luo_systemd.ownedfd import OwnedFd
+from luo_systemd.records import NamedTuple
+from luo_systemd.varlink import dumps, loads  # json's C half: json imports re
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any, Optional, Protocol
 
 STATE_VERSION = 2
 STATE_KEY_PREFIX = "luod-state-"
@@ -57,12 +59,14 @@ COMPACT_FLOOR = 64 << 10  # a log this small is never compacted: appends to it a
 LOG_MAX = 2 * MAX_SIZE + 2 * COMPACT_FLOOR  # a log is compacted before it doubles its snapshot
 
 
-class FdStore(Protocol):
-    """The agent's own systemd fd store (FDSTORE=1 / FDSTOREREMOVE=1)."""
+if TYPE_CHECKING:  # typing costs luod's start-up (see the classes below); a Protocol is for mypy alone
 
-    def keep(self, key: str, fd: int) -> None: ...
+    class FdStore(Protocol):
+        """The agent's own systemd fd store (FDSTORE=1 / FDSTOREREMOVE=1)."""
 
-    def drop(self, key: str) -> None: ...
+        def keep(self, key: str, fd: int) -> None: ...
+
+        def drop(self, key: str) -> None: ...
 
 
 class NoFdStore:
@@ -75,8 +79,11 @@ class NoFdStore:
         pass
 
 
-@dataclasses.dataclass
-class Held:
+# The classes below are not dataclasses: luod builds them before READY=1, and dataclasses with its imports
+# (inspect, ast, dis) costs that start-up, which every opted-in unit waits for, more than the restore does.
+
+
+class Held(NamedTuple):
     """An fd the broker owns, mirrored in the fd store under ``key`` ("": an outgoing session, not mirrored)."""
 
     fd: int
@@ -88,31 +95,70 @@ class Held:
         return cls(fd.detach(), key)
 
 
-@dataclasses.dataclass
 class Entry:
     """A named fd of a unit: stored for the next update, or restored from the last one."""
 
-    name: str
-    kind: FdKind
-    order: int
-    held: Held
-    session: str = ""  # kind SESSION: the LUO session's name
+    __slots__ = ("held", "kind", "name", "order", "session")
+
+    def __init__(self, name: str, kind: FdKind, order: int, held: Held, session: str = "") -> None:
+        self.name = name
+        self.kind = kind
+        self.order = order  # changes when a restored fd is stored again (Finish)
+        self.held = held
+        self.session = session  # kind SESSION: the LUO session's name
+
+    def __repr__(self) -> str:
+        return f"Entry({self.name!r}, {self.kind}, {self.order}, {self.held}, {self.session!r})"
 
 
-@dataclasses.dataclass
 class UnitState:
-    unit: str
-    stored: dict[str, Entry] = dataclasses.field(default_factory=dict)  # in store order
-    next_order: int = 0
-    out_session: Optional[Held] = None  # luod/UNIT holding the carried memfds (tokens 1..n)
-    preserved: tuple[str, ...] = ()  # the fd names out_session holds, in token order
-    client_sessions: dict[str, Held] = dataclasses.field(default_factory=dict)
-    # after a live update, until the unit finishes:
-    restored: dict[str, Entry] = dataclasses.field(default_factory=dict)
-    in_session: Optional[Held] = None
-    restored_client_sessions: dict[str, Held] = dataclasses.field(default_factory=dict)
-    restored_at: float = 0.0  # CLOCK_BOOTTIME seconds of the restore, for OnNoReturn=
-    finished: bool = True
+    """What luod holds for one unit; the broker changes it in place."""
+
+    __slots__ = (
+        "client_sessions",
+        "finished",
+        "in_session",
+        "next_order",
+        "out_session",
+        "preserved",
+        "restored",
+        "restored_at",
+        "restored_client_sessions",
+        "stored",
+        "unit",
+    )
+
+    def __init__(
+        self,
+        unit: str,
+        stored: Optional[dict[str, Entry]] = None,
+        next_order: int = 0,
+        out_session: Optional[Held] = None,
+        preserved: tuple[str, ...] = (),
+        client_sessions: Optional[dict[str, Held]] = None,
+        restored: Optional[dict[str, Entry]] = None,
+        in_session: Optional[Held] = None,
+        restored_client_sessions: Optional[dict[str, Held]] = None,
+        restored_at: float = 0.0,
+        finished: bool = True,
+    ) -> None:
+        self.unit = unit
+        self.stored: dict[str, Entry] = {} if stored is None else stored  # in store order
+        self.next_order = next_order
+        self.out_session = out_session  # luod/UNIT holding the carried memfds (tokens 1..n)
+        self.preserved = preserved  # the fd names out_session holds, in token order
+        self.client_sessions: dict[str, Held] = {} if client_sessions is None else client_sessions
+        # after a live update, until the unit finishes:
+        self.restored: dict[str, Entry] = {} if restored is None else restored
+        self.in_session = in_session
+        self.restored_client_sessions: dict[str, Held] = (
+            {} if restored_client_sessions is None else restored_client_sessions
+        )
+        self.restored_at = restored_at  # CLOCK_BOOTTIME seconds of the restore, for OnNoReturn=
+        self.finished = finished
+
+    def __repr__(self) -> str:
+        return f"UnitState({self.unit!r}, stored={list(self.stored)}, restored={list(self.restored)})"
 
     def held(self) -> list[Held]:
         out = [e.held for e in (*self.stored.values(), *self.restored.values())]
@@ -120,8 +166,7 @@ class UnitState:
         return out + [h for h in (self.out_session, self.in_session) if h is not None]
 
 
-@dataclasses.dataclass(frozen=True)
-class Globals:
+class Globals(NamedTuple):
     """The state beside the units: small, written in every record."""
 
     next_key: int
@@ -130,8 +175,7 @@ class Globals:
     manifest_session: Optional[Held]
 
 
-@dataclasses.dataclass
-class Recovered:
+class Recovered(NamedTuple):
     """A log read back, its fds attached."""
 
     next_key: int
@@ -187,8 +231,8 @@ def encode_record(
     if snapshot:
         doc["version"] = STATE_VERSION
     if problems is not None:
-        doc["problems"] = [dataclasses.asdict(p) for p in problems]
-    payload = json.dumps(doc).encode()
+        doc["problems"] = [p._asdict() for p in problems]
+    payload = dumps(doc).encode()
     return RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
@@ -208,7 +252,7 @@ def replay(data: bytes) -> dict[str, Any]:
         if zlib.crc32(payload) != crc:
             raise BadManifest(f"agent state log: the record at byte {offset} fails its checksum")
         try:
-            record = json.loads(payload)
+            record = loads(payload)
         except (ValueError, RecursionError) as e:
             raise BadManifest(f"agent state log: the record at byte {offset} is not JSON: {e}") from None
         if not isinstance(record, dict) or (offset == 0) != ("version" in record):
@@ -410,4 +454,6 @@ def crash_point(step: str) -> None:
         with open(log_path, "a") as f:
             f.write(f"{_crash_count} {step}\n")
     if _crash_count == int(at):
+        import signal  # noqa: PLC0415 - for the crash test only: signal imports enum
+
         os.kill(os.getpid(), signal.SIGKILL)

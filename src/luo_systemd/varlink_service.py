@@ -9,18 +9,15 @@ the JSON's depth; replies of any size are delivered as the peer reads them.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import logging
 import socket
 from collections.abc import Awaitable, Sequence
 from typing import Any, Callable, ClassVar, Optional
 
 from luo_systemd import authz, cgroups, errors, varlink
-from luo_systemd.api import Caller, Problem
+from luo_systemd.api import Caller, Problem, wire
 from luo_systemd.broker import Broker, when_free
+from luo_systemd.journal import log
 from luo_systemd.ownedfd import OwnedFd, OwnedFds
-
-log = logging.getLogger("luod")
 
 MAX_FDS_PER_CALL = 64
 MAX_CONNECTIONS = 512  # in all; each costs luod two fds
@@ -124,7 +121,7 @@ def _names(params: dict[str, Any], key: str = "names") -> list[str]:
 
 
 def _problems(problems: list[Problem]) -> dict[str, Any]:
-    return {"problems": [dataclasses.asdict(p) for p in problems]}
+    return {"problems": wire(problems)}
 
 
 class VarlinkService:
@@ -272,7 +269,7 @@ class VarlinkService:
         return {}, []
 
     def list_fds(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
-        return {"fds": [dataclasses.asdict(f) for f in self.broker.list_fds(caller, _unit(p))]}, []
+        return {"fds": wire(self.broker.list_fds(caller, _unit(p)))}, []
 
     def retrieve(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         got = self.broker.retrieve(caller, _unit(p), _names(p), varlink.MAX_FDS)
@@ -291,7 +288,7 @@ class VarlinkService:
         return {}, [self.broker.retrieve_session(caller, _unit(p), _string(p, "name"))]
 
     def status(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
-        return dataclasses.asdict(self.broker.status(caller)), []
+        return wire(self.broker.status(caller)), []
 
     def preflight(self, caller: Caller, p: dict[str, Any], fds: OwnedFds) -> tuple[dict[str, Any], list[int]]:
         return _problems(self.broker.preflight(caller)), []

@@ -9,14 +9,18 @@ if luod could not restore it, discarded if it never came back.  Counters are nam
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-from collections.abc import Mapping
-from typing import Any, Optional
 
 from luo_systemd.errors import ExitCode
-from luo_systemd.manifest import Manifest
+from luo_systemd.records import NamedTuple
 from luo_systemd.runfiles import read_json, write_json
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any, Optional
+
+    from luo_systemd.manifest import Manifest
 
 
 class Outcome(str, enum.Enum):
@@ -42,9 +46,8 @@ class Verdict(str, enum.Enum):
         }[self]
 
 
-@dataclasses.dataclass(frozen=True)
-class LastUpdate:
-    count: int  # the manifest's update count: live updates behind this boot
+class LastUpdate(NamedTuple):  # not a dataclass: luod writes it before READY=1 (see luo_systemd.records)
+    update_count: int  # the manifest's: live updates behind this boot ("count" in the file)
     previous_kernel: str
     written_usec: int
     units: Mapping[str, int]  # unit -> fds and sessions carried
@@ -60,7 +63,9 @@ def last_update_of(manifest: Manifest) -> LastUpdate:
 
 
 def write_last_update(path: str, last: LastUpdate) -> None:
-    write_json(path, dataclasses.asdict(last))
+    doc = last._asdict()
+    doc["count"] = doc.pop("update_count")  # as luod always wrote it (tuple has a method named count)
+    write_json(path, doc)
 
 
 def read_last_update(path: str) -> Optional[LastUpdate]:
@@ -94,7 +99,7 @@ def verify(last: Optional[LastUpdate], status: Mapping[str, Any]) -> dict[str, A
         verdict = Verdict.OK
     return {
         "verdict": verdict.value,
-        "LiveUpdatesCount": last.count,
+        "LiveUpdatesCount": last.update_count,
         "CarriedUnitsCount": len(units),
         "RestoredUnitsCount": outcomes.count(Outcome.RESTORED),
         "PendingUnitsCount": outcomes.count(Outcome.PENDING),
