@@ -43,14 +43,32 @@ METRICS_COALESCE_SEC = 0.5
 
 class SystemdFdStore:
     """Our own fd store: each fd is pushed with FDSTORE=1, FDNAME=key and FDPOLL=0 (session fds of the
-    emulator are sockets that may report POLLHUP; systemd would drop them)."""
+    emulator are sockets that may report POLLHUP; systemd would drop them).  One socket to $NOTIFY_SOCKET
+    serves luod's life: ``service_manager.send``, like sd_notify(), makes one per message, and a restore pushes
+    a message per fd."""
+
+    def __init__(self) -> None:
+        self.sock: Optional[_socket.socket] = None  # connected at the first message, and anew after a failure
 
     def keep(self, key: str, fd: int) -> None:
-        if not service_manager.send(f"FDSTORE=1\nFDNAME={key}\nFDPOLL=0", [fd]):
+        if not self._send(f"FDSTORE=1\nFDNAME={key}\nFDPOLL=0", [fd]):
             log.warning("Could not keep %s in the fd store: an agent crash would lose it", key)
 
     def drop(self, key: str) -> None:
-        service_manager.send(f"FDSTOREREMOVE=1\nFDNAME={key}")
+        self._send(f"FDSTOREREMOVE=1\nFDNAME={key}", [])
+
+    def _send(self, message: str, fds: list[int]) -> bool:
+        for _ in range(2):  # the second time on a new socket: the manager's may be a new one (re-executed)
+            try:
+                if self.sock is None:
+                    self.sock = service_manager.notify_socket()
+                service_manager.send_fds(self.sock, message.encode(), fds)
+                return True
+            except OSError:
+                if self.sock is not None:
+                    self.sock.close()
+                    self.sock = None
+        return False
 
 
 def policy_reader(policy_dir: str) -> Callable[[str], Optional[Policy]]:
@@ -343,6 +361,7 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
     while True:
         changed.clear()
         if not os.path.isdir(os.path.dirname(cfg.metrics_file)):  # no textfile collector here: no work at all
+            await asyncio.sleep(METRICS_COALESCE_SEC)  # nor a wake-up per change in a burst of them
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), RECHECK_SEC)
             continue

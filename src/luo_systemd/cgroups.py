@@ -27,14 +27,20 @@ SO_PEERPIDFD = 77  # Linux 6.5; not in Python's socket module yet
 CGROUP2_SUPER_MAGIC = 0x63677270
 
 
+_tracking: list[str] = []  # tracking_hierarchy(), once found: luod asks at every call it serves
+
+
 def tracking_hierarchy() -> str:
     """The cgroup hierarchy systemd tracks units in here: the unified one ("") where /sys/fs/cgroup is
-    cgroup2, else name=systemd (legacy and hybrid).  A container may see its host's other hierarchies."""
-    fd = os.open("/sys/fs/cgroup", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return "" if syscalls.fs_magic(fd) == CGROUP2_SUPER_MAGIC else "name=systemd"
-    finally:
-        os.close(fd)
+    cgroup2, else name=systemd (legacy and hybrid).  A container may see its host's other hierarchies.
+    Found once per process: what is mounted there does not change under a running system."""
+    if not _tracking:
+        fd = os.open("/sys/fs/cgroup", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _tracking.append("" if syscalls.fs_magic(fd) == CGROUP2_SUPER_MAGIC else "name=systemd")
+        finally:
+            os.close(fd)
+    return _tracking[0]
 
 
 def cgroup_path(pid: int | str, hierarchy: Optional[str] = None) -> str:

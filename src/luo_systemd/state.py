@@ -439,13 +439,14 @@ def write_all(fd: int, data: bytes, offset: int) -> None:
 
 
 _crash_count = 0  # step boundaries this process has passed
+_CRASH_AT = os.environ.get("LUOD_CRASH_AT")  # read once: luod passes a boundary per fd it preserves or restores
 
 
 def crash_point(step: str) -> None:
-    """A step boundary of a state change.  For the crash test only: with LUOD_CRASH_AT=N in the
+    """A step boundary of a state change.  For the crash test only: with LUOD_CRASH_AT=N in luod's
     environment, luod SIGKILLs itself at the Nth boundary; LUOD_CRASH_LOG=PATH lists the steps."""
     global _crash_count
-    at = os.environ.get("LUOD_CRASH_AT")
+    at = _CRASH_AT
     if at is None:
         return
     _crash_count += 1

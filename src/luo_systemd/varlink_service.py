@@ -85,7 +85,8 @@ async def send_reply(sock: socket.socket, doc: dict[str, Any], fds: Sequence[int
                 await writable
             finally:
                 loop.remove_writer(sock.fileno())
-    await loop.sock_sendall(sock, data[sent:])
+    if sent < len(data):  # a send of nothing would fail with EPIPE once the peer has its reply and left
+        await loop.sock_sendall(sock, data[sent:])
 
 
 def _unit(params: dict[str, Any]) -> str:
@@ -135,18 +136,39 @@ class VarlinkService:
         self.per_uid: dict[int, int] = {}
 
     async def serve(self, listener: socket.socket) -> None:
+        """Serves until cancelled.  A connection is accepted by a reader callback, one per readiness of the
+        listener: asyncio's sock_accept would make a future, wake this task and register the listener with
+        epoll anew for every connection, a good part of what a call costs luod."""
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
-        try:
-            while True:
-                try:
-                    conn, _ = await loop.sock_accept(listener)
-                except OSError as e:  # out of fds or memory: those waiting are served once some are freed
-                    log.warning("Varlink: cannot accept a connection: %s", e)
-                    await asyncio.sleep(ACCEPT_BACKOFF_SEC)
-                    continue
+        fd = listener.fileno()
+        failed: asyncio.Future[None] = loop.create_future()  # a bug in _admit ends the service, loudly
+        retry: Optional[asyncio.TimerHandle] = None
+
+        def accept() -> None:
+            nonlocal retry
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:  # out of fds or memory: those waiting are served once some are freed
+                log.warning("Varlink: cannot accept a connection: %s", e)
+                loop.remove_reader(fd)
+                retry = loop.call_later(ACCEPT_BACKOFF_SEC, loop.add_reader, fd, accept)
+                return
+            try:
                 self._admit(conn)
+            except Exception as e:
+                if not failed.done():
+                    failed.set_exception(e)
+
+        loop.add_reader(fd, accept)
+        try:
+            await failed
         finally:
+            loop.remove_reader(fd)
+            if retry is not None:
+                retry.cancel()
             for task in list(self.connections):
                 task.cancel()
 
@@ -184,13 +206,12 @@ class VarlinkService:
             while True:
                 msg = reader.next_message()
                 if msg is None:
-                    readable.clear()
-                    await readable.wait()
-                    try:
+                    try:  # read first: a client sends its call right after connecting
                         if not reader.feed(conn):
                             return
                     except BlockingIOError:
-                        continue
+                        readable.clear()
+                        await readable.wait()
                     continue
                 doc, fds = msg
                 with fds:  # what the broker did not take is closed here, whatever happened
