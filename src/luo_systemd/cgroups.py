@@ -46,12 +46,23 @@ def tracking_hierarchy() -> str:
 def cgroup_path(pid: int | str, hierarchy: Optional[str] = None) -> str:
     """The path of the process's cgroup in systemd's tracking hierarchy."""
     wanted = tracking_hierarchy() if hierarchy is None else hierarchy
-    with open(f"/proc/{pid}/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            if controllers == wanted:
-                return path
+    for line in read_proc(f"/proc/{pid}/cgroup").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == wanted:
+            return path
     raise OSError(f"process {pid} is in no {wanted or 'unified'} cgroup")
+
+
+def read_proc(path: str) -> str:
+    """A small /proc file whole, without open()'s buffered text layers: luod reads two per call it serves."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode()
 
 
 def unit_of_cgroup(path: str, root: str = "/") -> Optional[str]:
@@ -90,10 +101,9 @@ def pidfd_alive(pidfd: int) -> bool:
 
 def pid_of_pidfd(pidfd: int) -> int:
     """The PID a pidfd names now (its fdinfo), or -1 once the process is gone."""
-    with open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
+    for line in read_proc(f"/proc/self/fdinfo/{pidfd}").splitlines():
+        if line.startswith("Pid:"):
+            return int(line.split()[1])
     raise AccessDenied("not a pidfd")
 
 

@@ -26,6 +26,8 @@ def check_fd_name(name: str) -> str:
         raise InvalidName("fd name is empty")
     if len(name) > FDNAME_MAX:
         raise InvalidName(f"fd name is longer than {FDNAME_MAX} characters")
+    if name.isascii() and name.isprintable() and ":" not in name:  # the same rule, without a loop per character
+        return name
     bad = next((c for c in name if not 0x20 <= ord(c) <= 0x7E or c == ":"), None)
     if bad is not None:
         raise InvalidName(f"fd name {name!r} contains {bad!r} (allowed: printable ASCII except ':')")
