@@ -6,9 +6,10 @@ Per-unit and per-boot commands (luo-hook in every verb, the generator, luod exec
 alternating pairs with ``python3 -I -S -c pass`` (the floor for any Python program); each figure is the median
 of the per-pair ratios.  Preserve and restore through luod (10 memfds per unit) are timed against the same
 create_session/preserve_fd and retrieve_session/retrieve_fd/finish calls made directly on the emulator, at each
-fd count; the restore also less an empty start of luod (measured in the same bed).  Last, memory: luod idle
-and holding the most fds, luo-emu holding 1 MiB and 1 GiB.  Nothing here asserts: the figures are for people
-to compare between changes.  Needs root (cgroups, like the tests).
+fd count; the restore also less an empty start of luod (measured in the same bed, to its first call
+answered).  luod's files are on a tmpfs, as /run is.  Last, memory: luod idle and holding the most fds, luo-emu
+holding 1 MiB and 1 GiB.  Nothing here asserts: the figures are for people to compare between changes.  Needs
+root (cgroups, like the tests).
 """
 
 from __future__ import annotations
