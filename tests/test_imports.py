@@ -101,11 +101,11 @@ READY_PROBE = f"""
 import os, sys
 from luo_systemd import service_manager
 send = service_manager.send
-def probe(message, fds=()):
+def probe(message):
     if message.startswith("READY=1"):
         with open(os.environ["LUOD_MODULES"], "w") as f:
             f.write("\\n".join(sorted(sys.modules)))
-    return send(message, fds)
+    return send(message)
 service_manager.send = probe
 {LUOD_PROGRAM}
 """

@@ -54,14 +54,15 @@ def send_fds(sock: socket.socket, message: bytes, fds: Sequence[int]) -> None:
     sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_bytes(fds))] if fds else [])
 
 
-def send(message: str, fds: Sequence[int] = ()) -> bool:
-    """One notification, as sd_pid_notify_with_fds(): False if there is no service manager to tell.  No
-    barrier: for luod, which lives on after it (READY=1, and FDSTORE=1 for every fd it takes over)."""
+def send(message: str) -> bool:
+    """One notification, as sd_notify(): False if there is no service manager to tell.  No barrier: for
+    luod's READY=1, STATUS= and STOPPING=1, which it outlives (its fd store keeps a socket of its own,
+    agent.SystemdFdStore)."""
     if not os.environ.get("NOTIFY_SOCKET"):
         return False
     sock = notify_socket()
     try:
-        send_fds(sock, message.encode(), fds)
+        send_fds(sock, message.encode(), ())
     finally:
         sock.close()
     return True
