@@ -89,7 +89,7 @@ class InProcessLuod:
         self.listener.bind(self.socket)
         self.listener.listen()
         self.varlink = asyncio.run_coroutine_threadsafe(
-            VarlinkService(self.broker, "/").serve(self.listener), self.loop
+            VarlinkService(self.broker, "/", self.listener).serve(), self.loop
         )
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
         self.bus: AgentBus = self.run(self._join_bus())

@@ -2,7 +2,8 @@
 
 Start-up order matters: first the fds the service manager kept for us (a restart after a crash), else the
 sessions the previous kernel carried (the first start after a live update); only then is the Varlink
-interface opened and READY=1 sent.  D-Bus joins after READY=1: no opted-in unit waits for the bus.
+interface opened and READY=1 sent.  Varlink calls are answered from then on, while a thread loads asyncio
+(``serve_while_loading``); D-Bus joins later: no opted-in unit waits for the event loop or the bus.
 See luod(8).
 """
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from luo_systemd.kexec import Loader
     from luo_systemd.kexec_watch import KexecWatcher
     from luo_systemd.state import FdStore
+    from luo_systemd.varlink_service import Connection, VarlinkService
 
 VARLINK_FDNAME = "varlink"  # FileDescriptorName= of luod.socket
 METRICS_COALESCE_SEC = 0.5
@@ -225,20 +227,19 @@ def preflight(cfg: config.Config, broker: Broker) -> Loader:
     return loader
 
 
-async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener_fd: int) -> int:
+async def serve(
+    cfg: config.Config, broker: Broker, loader: Loader, varlink: VarlinkService, adopted: list[Connection]
+) -> int:
     import asyncio  # noqa: PLC0415 - after READY=1 (see main)
     import concurrent.futures  # noqa: PLC0415 - asyncio's own import
     import signal  # noqa: PLC0415
-    import socket  # noqa: PLC0415
 
     from luo_systemd.kexec_watch import KexecWatcher  # noqa: PLC0415 - imports asyncio
-    from luo_systemd.varlink_service import VarlinkService  # noqa: PLC0415 - imports asyncio
 
-    cgroup_root = cgroups.manager_root(cgroups.cgroup_path("self"))
     tasks: list[asyncio.Task[object]] = []
     watcher = KexecWatcher(broker, loader, cfg.systemctl)
-    varlink = VarlinkService(broker, cgroup_root, watcher.before_preserve)
-    tasks.append(asyncio.ensure_future(varlink.serve(socket.socket(fileno=listener_fd))))
+    varlink.before_preserve = watcher.before_preserve
+    tasks.append(asyncio.ensure_future(varlink.serve(adopted)))
 
     stop = asyncio.Event()
     failed: list[BaseException] = []
@@ -283,7 +284,7 @@ async def serve(cfg: config.Config, broker: Broker, loader: Loader, listener_fd:
         # restored units starting meanwhile (in the sid qemu tier, the demo's start took 7 s instead of 3).
         with concurrent.futures.ThreadPoolExecutor(1) as importer:
             await loop.run_in_executor(importer, import_dbus_service)
-        bus = await join_bus(broker, cgroup_root, watcher)
+        bus = await join_bus(broker, varlink.cgroup_root, watcher)
     if bus is not None:
         from luo_systemd.dbus_service import BUS_NAME  # noqa: PLC0415
 
@@ -344,6 +345,45 @@ def import_dbus_service() -> None:
     with contextlib.suppress(OSError):  # a lower priority only helps
         os.setpriority(os.PRIO_PROCESS, 0, 19)  # Linux: the calling thread's nice value, not the process's
     import luo_systemd.dbus_service  # noqa: F401, PLC0415
+
+
+def serve_while_loading(varlink: VarlinkService) -> list[Connection]:
+    """Answers Varlink calls while a thread imports what the event loop needs (``import_event_loop``); the
+    connections still open are returned for ``serve``."""
+    import _thread  # noqa: PLC0415 - threading's C half: nothing else to load on the way to the first answer
+
+    loaded, wake = os.pipe2(os.O_CLOEXEC)
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            import_event_loop()
+        except BaseException as e:
+            failed.append(e)
+        finally:
+            os.write(wake, b"\0")
+
+    _thread.start_new_thread(load, ())
+    try:
+        adopted = varlink.serve_early(loaded)
+    finally:
+        os.close(loaded)
+    os.close(wake)
+    if failed:
+        raise failed[0]
+    return adopted
+
+
+def import_event_loop() -> None:
+    """What ``serve`` and ``preflight`` import: asyncio (~6 bare interpreter starts here, with ssl, logging
+    and inspect) and the pre-flight's loader (kernel formats, decompressors)."""
+    import asyncio  # noqa: F401, PLC0415
+    import concurrent.futures  # noqa: F401, PLC0415
+    import signal  # noqa: F401, PLC0415
+
+    import luo_systemd.kexec  # noqa: PLC0415
+    import luo_systemd.kexec_preflight  # noqa: PLC0415
+    import luo_systemd.kexec_watch  # noqa: F401, PLC0415
 
 
 async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, changed: asyncio.Event) -> None:
@@ -436,15 +476,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     except LuoError as e:
         log.error("%s", e)
         return 1
-    # READY=1 before asyncio and D-Bus are imported: every opted-in unit waits for it after a kexec.
+    # READY=1 before asyncio and D-Bus are imported: every opted-in unit waits for it after a kexec, and
+    # then for the answer to its first call, which comes before asyncio has loaded too (serve_while_loading).
     backend = broker.backend.kind
     service_manager.send(f"READY=1\nSTATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), backend {backend}")
     log.info("luod ready (backend %s, phase %s)", backend, broker.phase.value)
-    import asyncio  # noqa: PLC0415
+    from luo_systemd.varlink_service import VarlinkService  # noqa: PLC0415 - after READY=1
 
-    journal.route_logging()  # asyncio's records (and dbus-next's)
+    varlink = VarlinkService(
+        broker, cgroups.manager_root(cgroups.cgroup_path("self")), _socket.socket(fileno=listener_fd)
+    )
     try:
-        return asyncio.run(serve(cfg, broker, preflight(cfg, broker), listener_fd))
+        adopted = serve_while_loading(varlink)
+        import asyncio  # noqa: PLC0415 - loaded by now
+
+        journal.route_logging()  # asyncio's records (and dbus-next's)
+        return asyncio.run(serve(cfg, broker, preflight(cfg, broker), varlink, adopted))
     except LuoError as e:
         log.error("%s", e)
         return 1

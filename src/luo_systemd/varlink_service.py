@@ -4,26 +4,43 @@ The same operations as the D-Bus API, for hooks and light clients, plus fds in b
 The caller is the peer of the socket, pinned by SO_PEERPIDFD (see authz.py).  Everything a peer can make
 luod hold is bounded: connections per uid and in all, bytes and fds pending on a connection (varlink.Reader),
 the JSON's depth; replies of any size are delivered as the peer reads them.
+
+Two ways to serve, one after the other: ``serve_early`` answers the calls of restored units right after
+READY=1 while asyncio loads in a thread (asyncio alone takes longer to import than the whole restore of a
+unit, and every restored unit waits for its answer), and ``serve`` takes over its connections on the event
+loop.  Nothing here imports asyncio before ``serve``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import socket
-from collections.abc import Awaitable, Sequence
-from typing import Any, Callable, ClassVar, Optional
+import _socket
+import select
+import sys
 
 from luo_systemd import authz, cgroups, errors, varlink
 from luo_systemd.api import Caller, Problem, wire
 from luo_systemd.broker import Broker, when_free
+from luo_systemd.errors import DeviceBusy
 from luo_systemd.journal import log
 from luo_systemd.ownedfd import OwnedFd, OwnedFds
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Awaitable, Sequence
+    from typing import Any, Callable, ClassVar, Optional, Union
+
+    Reply = tuple[dict[str, Any], list[int]]
+    Method = Callable[["VarlinkService", Caller, dict[str, Any], OwnedFds], Reply]
 
 MAX_FDS_PER_CALL = 64
 MAX_CONNECTIONS = 512  # in all; each costs luod two fds
 MAX_CONNECTIONS_PER_UID = 32  # one user cannot take the others' share
 ACCEPT_BACKOFF_SEC = 0.1  # after an accept error (EMFILE, ENFILE, ENOBUFS): the listener carries on
 NO_PIDFD = "the kernel gives no pidfd for this peer (SO_PEERPIDFD, Linux >= 6.5): only root is served"
+# While asyncio loads in a thread, the thread gives the GIL back to a call being served only every switch
+# interval (5 ms by default), and a call gives it up at each socket operation: serving early, switch often.
+EARLY_SWITCH_INTERVAL_SEC = 0.0005
 
 IDL = """\
 # Kernel live updates for systemd units: store named fds (memfds, LUO sessions) for a unit, get them back
@@ -69,24 +86,53 @@ SERVICE_INFO = {
 }
 
 
-async def send_reply(sock: socket.socket, doc: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    """Sends on a non-blocking socket, waiting while the peer's buffer is full: a large reply is delivered
-    as the peer reads it, and a peer that never reads holds only its own connection."""
-    loop = asyncio.get_running_loop()
-    data, anc = varlink.encode(doc, fds)
-    while True:
+class Connection:
+    """A peer's connection, as accepted: its credentials, what it sent that is not handled yet, and what
+    ``serve_early`` left to the event loop (a call that must wait, the rest of a reply the peer did not take)."""
+
+    def __init__(self, sock: _socket.socket, pid: int, uid: int, pidfd: Optional[OwnedFd]) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.uid = uid
+        self.pidfd = pidfd
+        self.reader = varlink.Reader()
+        self.waiting: Optional[tuple[dict[str, Any], OwnedFds]] = None
+        self.unsent: Optional[tuple[bytes, list[tuple[int, int, bytes]], list[int]]] = None  # data, anc, fds
+
+    def send(self, data: bytes, anc: list[tuple[int, int, bytes]], fds: list[int]) -> None:
+        """Sends without waiting; what the peer's buffer does not take is kept in ``unsent``.  The reply's
+        fds are closed once they are on their way (they go with the first byte)."""
         try:
-            sent = sock.sendmsg([data], anc)  # the fds go with the first byte
-            break
+            sent = self.sock.sendmsg([data], anc)
         except BlockingIOError:
-            writable = loop.create_future()
-            loop.add_writer(sock.fileno(), writable.set_result, None)
-            try:
-                await writable
-            finally:
-                loop.remove_writer(sock.fileno())
-    if sent < len(data):  # a send of nothing would fail with EPIPE once the peer has its reply and left
-        await loop.sock_sendall(sock, data[sent:])
+            self.unsent = (data, anc, fds)
+            return
+        varlink.close_all(fds)
+        self.unsent = (data[sent:], [], []) if sent < len(data) else None
+
+    def close(self) -> None:
+        if self.waiting is not None:
+            self.waiting[1].close()
+        self.reader.close()
+        self.sock.close()
+        if self.pidfd is not None:
+            self.pidfd.close()
+
+
+async def send_rest(conn: Connection) -> None:
+    """Sends ``conn.unsent``, waiting while the peer's buffer is full: a large reply is delivered as the peer
+    reads it, and a peer that never reads holds only its own connection."""
+    import asyncio  # noqa: PLC0415 - see the module's docstring
+
+    loop = asyncio.get_running_loop()
+    while conn.unsent is not None:
+        writable = loop.create_future()
+        loop.add_writer(conn.sock.fileno(), writable.set_result, None)
+        try:
+            await writable
+        finally:
+            loop.remove_writer(conn.sock.fileno())
+        conn.send(*conn.unsent)
 
 
 def _unit(params: dict[str, Any]) -> str:
@@ -125,43 +171,148 @@ def _problems(problems: list[Problem]) -> dict[str, Any]:
     return {"problems": wire(problems)}
 
 
+def _failure(method: object, e: Exception) -> Reply:
+    if isinstance(e, errors.LuoError):
+        return varlink.error_reply(e), []
+    # a bug: log it whole, answer without a traceback
+    log.exception("Internal error in %s", method)
+    return varlink.error_reply(errors.LuoError(f"internal error in {method}: {type(e).__name__}")), []
+
+
 class VarlinkService:
     def __init__(
-        self, broker: Broker, cgroup_root: str, before_preserve: Optional[Callable[[], Awaitable[None]]] = None
+        self,
+        broker: Broker,
+        cgroup_root: str,
+        listener: _socket.socket,
+        before_preserve: Optional[Callable[[], Awaitable[None]]] = None,
     ) -> None:
         self.broker = broker
         self.cgroup_root = cgroup_root
+        self.listener = listener
+        listener.setblocking(False)
         self.before_preserve = before_preserve  # lets a kexec that systemd started arm the agent first
-        self.connections: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.open = 0
         self.per_uid: dict[int, int] = {}
 
-    async def serve(self, listener: socket.socket) -> None:
-        """Serves until cancelled.  A connection is accepted by a reader callback, one per readiness of the
-        listener: asyncio's sock_accept would make a future, wake this task and register the listener with
-        epoll anew for every connection, a good part of what a call costs luod."""
+    def serve_early(self, until: int) -> list[Connection]:
+        """Answers calls until ``until`` (an fd) is readable, without an event loop; returns the connections
+        still open, for ``serve``.  A call that must wait -- Preserve (it may arm the agent first), the ones
+        that run the pre-flight (its checks load with the event loop), one that finds the device busy -- and
+        every later call on its connection are left to ``serve``, as is the rest of a reply the peer does not
+        take at once."""
+        listener = self.listener
+        poller = select.poll()
+        poller.register(listener.fileno(), select.POLLIN)
+        poller.register(until, select.POLLIN)
+        conns: dict[int, Connection] = {}
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(EARLY_SWITCH_INTERVAL_SEC)
+        try:
+            while True:
+                for fd, _ in poller.poll():
+                    if fd == until:
+                        return list(conns.values())
+                    if fd == listener.fileno():
+                        try:
+                            conn = self._accept()
+                        except OSError:  # out of fds or memory: ``serve`` accepts, with a backoff
+                            poller.unregister(fd)
+                            continue
+                        if conn is not None:
+                            conns[conn.sock.fileno()] = conn
+                            poller.register(conn.sock, select.POLLIN)
+                        continue
+                    conn = conns[fd]
+                    try:
+                        done = not self._serve_now(conn)
+                    except OSError as e:
+                        log.debug("Varlink connection ended: %s", e)
+                        done = True
+                    if done:
+                        del conns[fd]
+                        poller.unregister(fd)
+                        self._release(conn)
+                    elif conn.waiting is not None or conn.unsent is not None:
+                        poller.unregister(fd)
+        finally:
+            sys.setswitchinterval(interval)
+
+    def _serve_now(self, conn: Connection) -> bool:
+        """Answers what ``conn`` sent, as far as it can without waiting; False once the peer has gone."""
+        while conn.waiting is None and conn.unsent is None:
+            msg = conn.reader.next_message()
+            if msg is None:
+                try:
+                    if not conn.reader.feed(conn.sock):
+                        return False
+                except BlockingIOError:
+                    return True
+                continue
+            doc, fds = msg
+            reply = self._call_now(doc, fds, conn)
+            if reply is None:
+                conn.waiting = msg
+                return True
+            if not doc.get("oneway"):
+                conn.send(*varlink.encode(reply[0], reply[1]), reply[1])
+            else:
+                varlink.close_all(reply[1])
+        return True
+
+    def _call_now(self, doc: dict[str, Any], fds: OwnedFds, conn: Connection) -> Optional[Reply]:
+        """Runs a call at once, or None if it must wait for the event loop (nothing was done then)."""
+        prepared = self._prepare(doc, fds, conn)
+        if isinstance(prepared, dict):
+            fds.close()
+            return prepared, []
+        handler, caller, params = prepared
+        if handler in WAIT_FOR_EVENT_LOOP:
+            return None
+        self.broker.last_try = False  # a busy device raises: the event loop tries again later
+        try:
+            out, out_fds = handler(self, caller, params, fds)
+        except DeviceBusy:  # broker calls change nothing before they fail: the fds stay with the call
+            return None
+        except Exception as e:
+            fds.close()
+            return _failure(doc.get("method"), e)
+        finally:
+            self.broker.last_try = True
+        fds.close()  # what the broker did not take
+        return {"parameters": out}, out_fds
+
+    async def serve(self, adopted: Sequence[Connection] = ()) -> None:
+        """Serves until cancelled, first the connections ``serve_early`` left.  A connection is accepted by a
+        reader callback, one per readiness of the listener: asyncio's sock_accept would make a future, wake
+        this task and register the listener with epoll anew for every connection, a good part of what a call
+        costs luod."""
+        import asyncio  # noqa: PLC0415 - see the module's docstring
+
         loop = asyncio.get_running_loop()
-        listener.setblocking(False)
-        fd = listener.fileno()
-        failed: asyncio.Future[None] = loop.create_future()  # a bug in _admit ends the service, loudly
+        fd = self.listener.fileno()
+        failed: asyncio.Future[None] = loop.create_future()  # a bug in _accept ends the service, loudly
         retry: Optional[asyncio.TimerHandle] = None
 
         def accept() -> None:
             nonlocal retry
             try:
-                conn, _ = listener.accept()
-            except BlockingIOError:
-                return
+                conn = self._accept()
             except OSError as e:  # out of fds or memory: those waiting are served once some are freed
                 log.warning("Varlink: cannot accept a connection: %s", e)
                 loop.remove_reader(fd)
                 retry = loop.call_later(ACCEPT_BACKOFF_SEC, loop.add_reader, fd, accept)
                 return
-            try:
-                self._admit(conn)
             except Exception as e:
                 if not failed.done():
                     failed.set_exception(e)
+                return
+            if conn is not None:
+                self._start(conn)
 
+        for conn in adopted:
+            self._start(conn)
         loop.add_reader(fd, accept)
         try:
             await failed
@@ -169,45 +320,63 @@ class VarlinkService:
             loop.remove_reader(fd)
             if retry is not None:
                 retry.cancel()
-            for task in list(self.connections):
+            for task in list(self.tasks):
                 task.cancel()
 
-    def _admit(self, conn: socket.socket) -> None:
+    def _accept(self) -> Optional[Connection]:
+        """The next connection, or None: nobody waiting, or refused (its peer is gone, or over the limits).
+        Raises OSError when accept fails (out of fds or memory)."""
         try:
-            pid, uid, pidfd = cgroups.peer_credentials(conn)
+            # The C half's accept (socket.accept wraps it): a bare fd, CLOEXEC; socket itself imports enum and
+            # selectors, which would delay the first answer
+            fd, _ = self.listener._accept()  # type: ignore[attr-defined]
+        except BlockingIOError:
+            return None
+        sock = _socket.socket(fileno=fd)
+        sock.setblocking(False)
+        try:
+            pid, uid, pidfd = cgroups.peer_credentials(sock)
         except OSError:
-            conn.close()
-            return
-        if len(self.connections) >= MAX_CONNECTIONS or self.per_uid.get(uid, 0) >= MAX_CONNECTIONS_PER_UID:
+            sock.close()
+            return None
+        if self.open >= MAX_CONNECTIONS or self.per_uid.get(uid, 0) >= MAX_CONNECTIONS_PER_UID:
             log.warning("Varlink: refusing a connection of PID %d (uid %d): too many connections", pid, uid)
             if pidfd is not None:
                 pidfd.close()
-            conn.close()
-            return
+            sock.close()
+            return None
+        self.open += 1
         self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
-        task = asyncio.ensure_future(self._connection(conn, pid, uid, pidfd))
-        self.connections.add(task)
+        return Connection(sock, pid, uid, pidfd)
 
-        def done(t: asyncio.Task[None]) -> None:
-            self.connections.discard(t)
-            self.per_uid[uid] -= 1
-            if not self.per_uid[uid]:
-                del self.per_uid[uid]
+    def _release(self, conn: Connection) -> None:
+        conn.close()
+        self.open -= 1
+        self.per_uid[conn.uid] -= 1
+        if not self.per_uid[conn.uid]:
+            del self.per_uid[conn.uid]
 
-        task.add_done_callback(done)
+    def _start(self, conn: Connection) -> None:
+        import asyncio  # noqa: PLC0415 - see the module's docstring
 
-    async def _connection(self, conn: socket.socket, pid: int, uid: int, pidfd: Optional[OwnedFd]) -> None:
+        task = asyncio.ensure_future(self._connection(conn))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _connection(self, conn: Connection) -> None:
+        import asyncio  # noqa: PLC0415 - see the module's docstring
+
         loop = asyncio.get_running_loop()
-        reader = varlink.Reader()
         readable = asyncio.Event()
-        conn.setblocking(False)
-        loop.add_reader(conn.fileno(), readable.set)
+        loop.add_reader(conn.sock.fileno(), readable.set)
         try:
+            await send_rest(conn)
             while True:
-                msg = reader.next_message()
+                msg = conn.waiting or conn.reader.next_message()
+                conn.waiting = None
                 if msg is None:
                     try:  # read first: a client sends its call right after connecting
-                        if not reader.feed(conn):
+                        if not conn.reader.feed(conn.sock):
                             return
                     except BlockingIOError:
                         readable.clear()
@@ -215,25 +384,25 @@ class VarlinkService:
                     continue
                 doc, fds = msg
                 with fds:  # what the broker did not take is closed here, whatever happened
-                    reply, reply_fds = await self._call(doc, fds, pid, uid, pidfd)
-                try:
-                    if not doc.get("oneway"):
-                        await send_reply(conn, reply, reply_fds)
-                finally:
+                    reply, reply_fds = await self._call(doc, fds, conn)
+                if doc.get("oneway"):
                     varlink.close_all(reply_fds)
+                    continue
+                conn.send(*varlink.encode(reply, reply_fds), reply_fds)
+                await send_rest(conn)
         except OSError as e:
             log.debug("Varlink connection ended: %s", e)
         finally:
-            loop.remove_reader(conn.fileno())
-            reader.close()
-            conn.close()
-            if pidfd is not None:
-                pidfd.close()
+            loop.remove_reader(conn.sock.fileno())
+            if conn.unsent is not None:
+                varlink.close_all(conn.unsent[2])
+            self._release(conn)
 
-    async def _call(
-        self, doc: dict[str, Any], fds: OwnedFds, pid: int, uid: int, pidfd: Optional[OwnedFd]
-    ) -> tuple[dict[str, Any], list[int]]:
-        """Runs one call; the broker takes over the received fds it stores, the caller closes the rest."""
+    def _prepare(
+        self, doc: dict[str, Any], fds: OwnedFds, conn: Connection
+    ) -> Union[dict[str, Any], tuple[Method, Caller, dict[str, Any]]]:
+        """A call's handler, caller and parameters, or the reply when there is nothing to run (a refused
+        call, org.varlink.service)."""
         method = doc.get("method")
         params = doc.get("parameters")
         try:
@@ -246,26 +415,34 @@ class VarlinkService:
             if len(fds) > MAX_FDS_PER_CALL:
                 raise errors.LimitExceeded(f"at most {MAX_FDS_PER_CALL} fds per call")
             if method.startswith("org.varlink.service."):
-                return self._service_call(method, params), []
+                return self._service_call(method, params)
             if not method.startswith(varlink.INTERFACE + "."):
                 return {
                     "error": "org.varlink.service.InterfaceNotFound",
                     "parameters": {"interface": method.rpartition(".")[0]},
-                }, []
+                }
             handler = self.methods.get(method[len(varlink.INTERFACE) + 1 :])
             if handler is None:
-                return {"error": "org.varlink.service.MethodNotFound", "parameters": {"method": method}}, []
-            caller = authz.identify(uid, pid, pidfd, self.cgroup_root, NO_PIDFD)
+                return {"error": "org.varlink.service.MethodNotFound", "parameters": {"method": method}}
+            caller = authz.identify(conn.uid, conn.pid, conn.pidfd, self.cgroup_root, NO_PIDFD)
+        except Exception as e:
+            return _failure(method, e)[0]
+        return handler, caller, params
+
+    async def _call(self, doc: dict[str, Any], fds: OwnedFds, conn: Connection) -> Reply:
+        """Runs one call; the broker takes over the received fds it stores, the caller closes the rest."""
+        prepared = self._prepare(doc, fds, conn)
+        if isinstance(prepared, dict):
+            return prepared, []
+        handler, caller, params = prepared
+        try:
             if handler is VarlinkService.preserve and self.before_preserve is not None:
                 authz.authorize(caller, _unit(params))  # before any work: a stranger forks nothing
                 await self.before_preserve()
             out, out_fds = await when_free(self.broker, lambda: handler(self, caller, params, fds))
-            return {"parameters": out}, out_fds
-        except errors.LuoError as e:
-            return varlink.error_reply(e), []
-        except Exception as e:  # a bug: log it whole, answer without a traceback
-            log.exception("Internal error in %s", method)
-            return varlink.error_reply(errors.LuoError(f"internal error in {method}: {type(e).__name__}")), []
+        except Exception as e:
+            return _failure(doc.get("method"), e)
+        return {"parameters": out}, out_fds
 
     def _service_call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method == "org.varlink.service.GetInfo":
@@ -325,7 +502,6 @@ class VarlinkService:
         self.broker.discard(caller, _string(p, "unit"))
         return {}, []
 
-    Method = Callable[["VarlinkService", Caller, dict[str, Any], OwnedFds], tuple[dict[str, Any], list[int]]]
     methods: ClassVar[dict[str, Method]] = {
         "Store": store,
         "Remove": remove,
@@ -341,3 +517,7 @@ class VarlinkService:
         "Cancel": cancel,
         "Discard": discard,
     }
+
+
+# Calls that ``serve_early`` leaves to the event loop: see its docstring.
+WAIT_FOR_EVENT_LOOP = (VarlinkService.preserve, VarlinkService.status, VarlinkService.preflight, VarlinkService.arm)

@@ -1,0 +1,195 @@
+"""luod answers Varlink calls right after READY=1, while asyncio loads (``VarlinkService.serve_early``), and the
+event loop takes its connections over (``serve``): on the real emulator, real sockets, in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import socket
+import struct
+import termios
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+from luo_systemd import varlink
+from luo_systemd.broker import Broker, BrokerConfig
+from luo_systemd.policy import Policy
+from luo_systemd.state import NoFdStore
+from luo_systemd.varlink_service import Connection, VarlinkService
+from tests.contract.scenarios import digest, memfd
+from tests.harness import Emulator
+
+UNIT = "demo.service"
+METHOD = varlink.INTERFACE + "."
+
+
+class Early:
+    """A Varlink service in its early phase on a thread; ``take_over`` ends it and serves on an event loop."""
+
+    def __init__(self, directory: Path, emulator: Emulator) -> None:
+        policies = {UNIT: Policy()}
+        self.broker = Broker(emulator.backend, policies.get, NoFdStore(), BrokerConfig(env_dir=str(directory / "env")))
+        self.socket = str(directory / "luod.sock")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.socket)
+        self.listener.listen()
+        self.service = VarlinkService(self.broker, "/", self.listener)
+        self.loaded, self.wake = os.pipe()
+        self.adopted: list[Connection] = []
+        self.thread = threading.Thread(target=self._early)
+        self.thread.start()
+        self.loop = asyncio.new_event_loop()
+        self.serving: Optional[asyncio.Task[None]] = None
+
+    def _early(self) -> None:
+        self.adopted = self.service.serve_early(self.loaded)
+
+    @property
+    def early(self) -> bool:
+        return self.thread.is_alive()
+
+    def take_over(self) -> list[tuple[str, bool]]:
+        """Ends the early phase; for each connection it left: the method of the call left waiting ("" for
+        none), and whether part of a reply is unsent."""
+        os.write(self.wake, b"\0")
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "serve_early returns once its fd is readable"
+        left = [(c.waiting[0]["method"] if c.waiting else "", c.unsent is not None) for c in self.adopted]
+        self.serving = self.loop.create_task(self.service.serve(self.adopted))
+        self.thread = threading.Thread(target=self.loop.run_forever)
+        self.thread.start()
+        return left
+
+    def close(self) -> None:
+        if self.serving is None:
+            self.take_over()
+
+        async def cancel() -> None:
+            assert self.serving is not None
+            self.serving.cancel()
+            await asyncio.gather(self.serving, *self.service.tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+        self.listener.close()
+        for fd in (self.loaded, self.wake):
+            os.close(fd)
+
+
+@pytest.fixture
+def early(tmp_path: Path, emulator: Emulator) -> Iterator[Early]:
+    service = Early(tmp_path, emulator)
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+def connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    return sock
+
+
+def send(sock: socket.socket, method: str, parameters: dict[str, Any]) -> None:
+    varlink.send_message(sock, {"method": METHOD + method, "parameters": parameters})
+
+
+def replies(sock: socket.socket, count: int) -> list[tuple[dict[str, Any], list[int]]]:
+    reader, got = varlink.Reader(), []
+    while len(got) < count:
+        msg = reader.next_message()
+        if msg is None:
+            assert reader.feed(sock), "luod closed the connection"
+            continue
+        doc, fds = msg
+        with fds:
+            got.append((doc, [fd.detach() for fd in fds]))
+    return got
+
+
+def pending_bytes(sock: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def nothing_to_read(sock: socket.socket, seconds: float = 0.3) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return not sock.recv(1, socket.MSG_PEEK)
+    except TimeoutError:
+        return True
+    finally:
+        sock.settimeout(10)
+
+
+def test_calls_are_answered_before_the_event_loop_and_what_must_wait_is_carried_over(early: Early) -> None:
+    data = [os.urandom(4096) for _ in range(2)]
+    with varlink.Client(early.socket, timeout=10) as client:
+        client.call("Store", {"unit": UNIT, "names": ["a", "b"]}, [memfd(n, d) for n, d in zip("ab", data)])
+        listed = client.call("List", {"unit": UNIT})[0]["fds"]
+    assert [f["name"] for f in listed] == ["a", "b"]
+    assert early.early, "answered by serve_early: the event loop has not started"
+
+    # Preserve may arm the agent (before_preserve), Status runs the pre-flight: both wait for the event loop,
+    # and so does what their connection sends after them.  A connection that sent nothing is carried over.
+    preserve, status, idle = connect(early.socket), connect(early.socket), connect(early.socket)
+    send(preserve, "Preserve", {"unit": UNIT})
+    send(preserve, "List", {"unit": UNIT})
+    send(status, "Status", {})
+    with varlink.Client(early.socket, timeout=10) as client:  # others are still served meanwhile
+        assert client.call("List", {"unit": UNIT})[0]["fds"] == listed
+    assert nothing_to_read(preserve) and nothing_to_read(status)
+
+    left = early.take_over()
+    assert sorted(method for method, _ in left if method) == [METHOD + "Preserve", METHOD + "Status"]
+    (preserved, _), (after, _) = replies(preserve, 2)
+    assert preserved == {"parameters": {"preserved": 0}}, "no live update is under way"
+    assert [f["name"] for f in after["parameters"]["fds"]] == ["a", "b"], "the call after it, in order"
+    assert replies(status, 1)[0][0]["parameters"]["phase"] == early.broker.phase.value
+    send(idle, "Retrieve", {"unit": UNIT, "names": ["a"]})
+    (got, fds) = replies(idle, 1)[0]
+    assert "error" in got, "nothing was restored: Retrieve refuses, on the event loop, over the carried connection"
+    assert not fds
+    for sock in (preserve, status, idle):
+        sock.close()
+
+
+def test_a_reply_the_peer_does_not_take_is_delivered_in_order_after_the_take_over(early: Early) -> None:
+    """Calls sent in a row, their replies not read: the socket's buffer fills during the early phase, the rest
+    of the reply waits, later calls wait behind it, and the event loop delivers everything in order."""
+    with varlink.Client(early.socket, timeout=10) as client:
+        client.call("Store", {"unit": UNIT, "names": ["x" * 200]}, [memfd("x", b"x")])
+    sock = connect(early.socket)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    calls = 2000
+    payload = b"".join(
+        varlink.encode({"method": METHOD + "List", "parameters": {"unit": UNIT}}, [])[0] for _ in range(calls)
+    )
+    sock.sendall(payload)
+    queued = -1  # the early phase answers until the socket's buffers are full, then leaves the rest
+    while queued != (queued := pending_bytes(sock)):
+        time.sleep(0.1)
+    assert early.early
+    assert any(unsent for _, unsent in early.take_over()), "the early phase left the rest of a reply to the loop"
+    got = replies(sock, calls)
+    assert all(doc["parameters"]["fds"][0]["name"] == "x" * 200 for doc, _ in got)
+    assert nothing_to_read(sock), "one reply per call, no more"
+    sock.close()
+
+
+def test_a_stored_memfd_keeps_its_bytes_through_the_early_phase(early: Early) -> None:
+    fd = memfd("cache", os.urandom(1 << 16))
+    with varlink.Client(early.socket, timeout=10) as client:
+        client.call("Store", {"unit": UNIT, "names": ["cache"]}, [fd])
+    early.take_over()
+    assert digest(early.broker.units[UNIT].stored["cache"].held.fd) == digest(fd)
+    os.close(fd)
