@@ -141,6 +141,7 @@ class Broker:
         self._stored_total = 0  # their sum, for max_fds_total
         self.last_try = True  # set by when_free: a busy device is reported rather than raised
         self._retrieved: dict[str, int] = {}  # incoming sessions a crashed predecessor retrieved, by name
+        self._kernel = os.uname().release  # in every manifest record: asked once, it does not change
 
     # -- bookkeeping
 
@@ -463,7 +464,7 @@ class Broker:
         return CarriedUnit(state.unit, session, tuple(sorted(fds, key=lambda f: f.order)), clients)
 
     def _manifest_record(self, units: tuple[CarriedUnit, ...]) -> Manifest:
-        return Manifest(self.update_count + 1, time.time_ns() // 1000, os.uname().release, units)
+        return Manifest(self.update_count + 1, time.time_ns() // 1000, self._kernel, units)
 
     def manifest(self) -> Manifest:
         """The whole manifest the next live update would carry."""
