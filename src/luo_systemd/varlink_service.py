@@ -255,7 +255,7 @@ class VarlinkService:
             handler = self.methods.get(method[len(varlink.INTERFACE) + 1 :])
             if handler is None:
                 return {"error": "org.varlink.service.MethodNotFound", "parameters": {"method": method}}, []
-            caller = authz.identify(uid, pid, pidfd, self.cgroup_root, NO_PIDFD)
+            caller = authz.identify(uid, pid, pidfd, self.cgroup_root, NO_PIDFD, names_unit=bool(params.get("unit")))
             if handler is VarlinkService.preserve and self.before_preserve is not None:
                 authz.authorize(caller, _unit(params))  # before any work: a stranger forks nothing
                 await self.before_preserve()
