@@ -6,10 +6,10 @@ Per-unit and per-boot commands (luo-hook in every verb, the generator, luod exec
 alternating pairs with ``python3 -I -S -c pass`` (the floor for any Python program); each figure is the median
 of the per-pair ratios.  Preserve and restore through luod (10 memfds per unit) are timed against the same
 create_session/preserve_fd and retrieve_session/retrieve_fd/finish calls made directly on the emulator, at each
-fd count; the restore also less an empty start of luod (measured in the same bed, to its first call
-answered).  luod's files are on a tmpfs, as /run is.  Last, memory: luod idle and holding the most fds, luo-emu
-holding 1 MiB and 1 GiB.  Nothing here asserts: the figures are for people to compare between changes.  Needs
-root (cgroups, like the tests).
+fd count; the restore also less an empty start of luod (the median of five in the same bed, each to its
+first call answered).  luod's files are on a tmpfs, as /run is.  Last, memory: luod idle and holding the most
+fds, luo-emu holding 1 MiB and 1 GiB.  Nothing here asserts: the figures are for people to compare between
+changes.  Needs root (cgroups, like the tests).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ BASELINE = ["/usr/bin/python3", "-I", "-S", "-c", "pass"]
 FDS_PER_UNIT = 10
 MiB = 1 << 20
 BENCH_READY_TIMEOUT = 600.0
+EMPTY_STARTS = 5  # the median of five: one start varies by more than the restore of 100 fds takes
 
 
 def wall_ms(action: Callable[[], object]) -> float:
@@ -287,7 +288,11 @@ def scale_figures(directory: Path, fds: int) -> tuple[list[tuple[str, float, flo
     bed = Bed(directory, max_fds=fds)
     try:
         raw_preserve, raw_restore = raw_figures(bed.emulator, count)
-        empty_start = bed.timed_start(until_serving=True)
+        empty_starts = []
+        for _ in range(EMPTY_STARTS):
+            bed.agent.stop()
+            empty_starts.append(bed.timed_start(until_serving=True))
+        empty_start = statistics.median(empty_starts)
         assert bed.agent.proc is not None
         idle = rss_kib(bed.agent.proc.pid)
         units = bed.units(count)

@@ -144,24 +144,37 @@ def test_dbus_identity_is_not_lent_by_a_recycled_pid(bus: DBusDaemon, agent: Age
     pytest.skip("could not place a process at the freed PID in 5 tries")
 
 
-def test_varlink_identity_needs_a_pidfd(agent: Agent) -> None:
+@pytest.mark.parametrize(
+    ("uid", "parameters", "served"),
+    [
+        (NOBODY, {}, False),
+        (NOBODY, {"unit": "other.service"}, False),  # naming its own unit does not spare the check
+        (0, {}, False),  # root acting on its own unit: which one that is must be read
+        (0, {"unit": "other.service"}, True),  # root naming the unit: its own decides nothing, is not read
+    ],
+)
+def test_varlink_identity_needs_a_pidfd(agent: Agent, uid: int, parameters: dict[str, str], served: bool) -> None:
     """A caller whose process is gone by the time luod reads its credentials is refused, never looked up by
-    PID (the Varlink peer is pinned by SO_PEERPIDFD)."""
-    code = """
+    PID (the Varlink peer is pinned by SO_PEERPIDFD).  Root naming the unit it acts on needs no unit of
+    its own: its uid, which the kernel recorded at connect, is all that is checked."""
+    code = f"""
     import socket
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sock)
     if os.fork():
         os._exit(0)
     import time; time.sleep(0.3)  # the connecting process has exited
-    varlink.send_message(s, {"method": "io.liveupdate.Agent.List"})
+    varlink.send_message(s, {{"method": "io.liveupdate.Agent.List", "parameters": {parameters!r}}})
     r = varlink.Reader()
     while (m := r.next_message()) is None:
         r.feed(s)
     print(json.dumps(m[0]))
     """
-    out = agent.run_as("other.service", code, uid=NOBODY)
-    assert "io.liveupdate.Agent.AccessDenied" in out.stdout, out.stdout + out.stderr
+    out = agent.run_as("other.service", code, uid=None if uid == 0 else uid)
+    if served:
+        assert json.loads(out.stdout) == {"parameters": {"fds": []}}, out.stdout + out.stderr
+    else:
+        assert "io.liveupdate.Agent.AccessDenied" in out.stdout, out.stdout + out.stderr
 
 
 # -- the Varlink listener

@@ -15,7 +15,7 @@ import pytest
 from luo_systemd import state
 from luo_systemd.api import Caller
 from luo_systemd.broker import Broker, BrokerConfig
-from luo_systemd.errors import BadManifest, KernelError
+from luo_systemd.errors import BadManifest, KernelError, LimitExceeded
 from luo_systemd.ownedfd import OwnedFd
 from luo_systemd.policy import Policy, parse_policy
 from luo_systemd.state import RECORD_HEADER, STATE_KEY_PREFIX, decode, read_all, replay
@@ -245,3 +245,54 @@ def test_a_failed_manifest_record_leaves_no_manifest_until_written_whole(
     emulator.live_update()
     manifest = broker(emulator, DictFdStore(), tmp_path / "after", AT_STORE).restore()
     assert manifest is not None and [u.unit for u in manifest.units] == ["b.service"]
+
+
+def test_the_limit_in_all_is_counted_through_every_change(
+    emulator: Emulator, fdstore: DictFdStore, tmp_path: Path
+) -> None:
+    """max_fds_total is kept by a count of what changed (a Store does not sum every unit's fds): it stays
+    right through a replaced name, Remove, Discard, a refused Store, a recovery and a Finish."""
+
+    def limited(store: DictFdStore, env_dir: Path) -> Broker:
+        return Broker(emulator.backend, lambda unit: POLICY, store, BrokerConfig(max_fds_total=4, env_dir=str(env_dir)))
+
+    def refused(b: Broker, unit: str, name: str) -> None:
+        with pytest.raises(LimitExceeded, match="at most 4 fds in all"):
+            store_one(b, unit, name)
+
+    b = limited(fdstore, tmp_path)
+    store_one(b, "a.service", "f0")
+    store_one(b, "a.service", "f1")
+    store_one(b, "b.service", "g0")
+    store_one(b, "a.service", "f0")  # replaced: still three
+    store_one(b, "b.service", "g1")
+    refused(b, "c.service", "h0")
+    refused(b, "c.service", "h0")  # a refusal counts nothing
+    b.remove(ROOT, "a.service", ["f1"])
+    store_one(b, "c.service", "h0")
+    refused(b, "c.service", "h1")
+    b.discard(ROOT, "c.service")
+    store_one(b, "d.service", "k0")
+    refused(b, "e.service", "m0")
+
+    kept = DictFdStore()  # luod restarted on its fd store: the count is rebuilt from the recovered state
+    kept.fds = {k: os.dup(fd) for k, fd in fdstore.fds.items()}
+    again = limited(kept, tmp_path)
+    assert again.recover({k: os.dup(fd) for k, fd in kept.fds.items()})
+    refused(again, "e.service", "m0")
+    again.remove(ROOT, "d.service", ["k0"])
+    store_one(again, "e.service", "m0")
+
+    emulator.load()
+    again.arm(ROOT, force=True)  # force: the agent under test is no '@' process
+    for unit in ("a.service", "b.service", "e.service"):
+        again.preserve(ROOT, unit)
+    emulator.kexec()
+    after = limited(DictFdStore(), tmp_path / "after")
+    assert after.restore() is not None
+    store_one(after, "x.service", "n0")  # restored fds are stored again only when their unit finishes
+    after.remove(ROOT, "x.service", ["n0"])
+    for unit in ("a.service", "b.service", "e.service"):
+        assert after.finish(ROOT, unit)
+    refused(after, "x.service", "n0")
+    kept.close()

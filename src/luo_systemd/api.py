@@ -20,7 +20,9 @@ class Caller(NamedTuple):
 
     uid: int
     pid: int
-    unit: Optional[str]  # None: the process is in no unit, or its unit could not be checked (see unverified)
+    # None: the process is in no unit, its unit could not be checked (see unverified), or it was not read
+    # (root naming the unit it acts on: authz.identify)
+    unit: Optional[str]
     unverified: str = ""  # why the unit could not be checked (no pidfd for this peer); "" if it was
 
     @property

@@ -19,10 +19,16 @@ if TYPE_CHECKING:
     from luo_systemd.ownedfd import OwnedFd
 
 
-def identify(uid: int, pid: int, pidfd: Optional[OwnedFd], cgroup_root: str, no_pidfd_reason: str) -> Caller:
-    """The caller behind a connection: its unit is read through ``pidfd``; never looked up by PID."""
+def identify(
+    uid: int, pid: int, pidfd: Optional[OwnedFd], cgroup_root: str, no_pidfd_reason: str, names_unit: bool = False
+) -> Caller:
+    """The caller behind a connection: its unit is read through ``pidfd``; never looked up by PID.  Not for
+    root naming the unit it acts on (``names_unit``): root may act on any unit, so its own decides nothing
+    (``authorize``), and reading it costs every hook of a root unit two /proc files per call."""
     if pidfd is None:
         return Caller(uid=uid, pid=pid, unit=None, unverified=no_pidfd_reason)
+    if uid == 0 and names_unit:
+        return Caller(uid=uid, pid=pid, unit=None)
     return Caller(uid=uid, pid=pid, unit=cgroups.unit_of_pidfd(pidfd.fileno(), cgroup_root))
 
 

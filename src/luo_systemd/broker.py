@@ -52,10 +52,12 @@ from luo_systemd.state import (
     crash_point,
     read_all,
     sealed_memfd,
+    write_all,
 )
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs luod's start-up, before READY=1
+    from collections.abc import Iterable
     from typing import Callable, Optional, TypeVar
 
     from luo_systemd.state import FdStore
@@ -135,8 +137,11 @@ class Broker:
         self._next_key = 0
         self._log = StateLog(store)
         self._dirty: set[str] = set()  # units changed since the state was last logged
+        self._counted: dict[str, int] = {}  # stored fds per unit, as last counted (``_count_stored``)
+        self._stored_total = 0  # their sum, for max_fds_total
         self.last_try = True  # set by when_free: a busy device is reported rather than raised
         self._retrieved: dict[str, int] = {}  # incoming sessions a crashed predecessor retrieved, by name
+        self._kernel = os.uname().release  # in every manifest record: asked once, it does not change
 
     # -- bookkeeping
 
@@ -237,7 +242,8 @@ class Broker:
         added = sum(1 for p in probed if state is None or p[0] not in state.stored)
         if (len(state.stored) if state else 0) + added > policy.fd_max:
             raise LimitExceeded(f"{unit} may store at most {policy.fd_max} fds (FileDescriptorMax=)")
-        if sum(len(u.stored) for u in self.units.values()) + added > self.config.max_fds_total:
+        self._count_stored(self._dirty)  # changed since the last log (a failed call's rollback): normally none
+        if self._stored_total + added > self.config.max_fds_total:
             raise LimitExceeded(f"the agent holds at most {self.config.max_fds_total} fds in all")
         replaced = {p[0] for p in probed}
         kept = [e.held.fd for e in (state.stored.values() if state else ()) if e.name not in replaced]
@@ -458,7 +464,7 @@ class Broker:
         return CarriedUnit(state.unit, session, tuple(sorted(fds, key=lambda f: f.order)), clients)
 
     def _manifest_record(self, units: tuple[CarriedUnit, ...]) -> Manifest:
-        return Manifest(self.update_count + 1, time.time_ns() // 1000, os.uname().release, units)
+        return Manifest(self.update_count + 1, time.time_ns() // 1000, self._kernel, units)
 
     def manifest(self) -> Manifest:
         """The whole manifest the next live update would carry."""
@@ -473,14 +479,16 @@ class Broker:
         if units and self._manifest_synced:
             left_out = self.left_out
             record = tuple(c for c in (self._carried(u, left_out) for u in units) if c)
-            gone = tuple(u for u in units if u in self._carrying and u not in {c.unit for c in record})
+            now = {c.unit for c in record}
+            gone = tuple(u for u in units if u in self._carrying and u not in now)
             if not record and not gone:
                 return  # carried neither before nor now
-            carrying = {*self._carrying, *(c.unit for c in record)}.difference(gone)
+            # Counted, not copied: the set of every unit carried is not rebuilt at each unit's change.
+            carrying = len(self._carrying) + len(now.difference(self._carrying)) - len(gone)
             if (
                 self.manifest_session is not None
                 and carrying
-                and self._manifest_tokens <= 2 * len(carrying) + MANIFEST_SLACK
+                and self._manifest_tokens <= 2 * carrying + MANIFEST_SLACK
             ):
                 try:
                     self._preserve_manifest(self._manifest_tokens, self._manifest_record(record).encode(gone))
@@ -488,7 +496,8 @@ class Broker:
                     self._drop_manifest()  # never a manifest wrong about a unit: none until written whole
                     raise
                 self._manifest_tokens += 1
-                self._carrying = carrying
+                self._carrying.update(now)
+                self._carrying.difference_update(gone)
                 return
         manifest = self.manifest()
         self._drop_manifest()
@@ -799,7 +808,19 @@ class Broker:
         globals_ = Globals(self._next_key, self.armed, self.update_count, self.manifest_session)
         key = f"{STATE_KEY_PREFIX}{self._next_key}"
         self._log.save(globals_, self.problems, self.units, self._dirty, key)
+        self._count_stored(self._dirty)
         self._dirty.clear()
+
+    def _count_stored(self, units: Iterable[str]) -> None:
+        """Brings the count of stored fds up to date for ``units``.  Counted where the state log records
+        what changed (every change marks its units, which the log depends on too): a Store checks
+        max_fds_total without a pass over every unit."""
+        for unit in units:
+            state = self.units.get(unit)
+            now = len(state.stored) if state else 0
+            self._stored_total += now - self._counted.pop(unit, 0)
+            if now:
+                self._counted[unit] = now
 
     def recover(self, fds: dict[str, int]) -> bool:
         """Rebuilds the state from the fds systemd handed back (LISTEN_FDNAMES).  False if there was no
@@ -821,6 +842,7 @@ class Broker:
         used = got.used | {states[-1]}
         self._next_key, self.armed, self.update_count = got.next_key, got.armed, got.update_count
         self.manifest_session, self.problems, self.units = got.manifest_session, got.problems, got.units
+        self._count_stored(self.units)
         self._log.adopt(Held(fds[states[-1]], states[-1]))
         for key, fd in fds.items():
             if key not in used:  # older logs, or fds pushed just before a crash
@@ -915,10 +937,19 @@ def read_manifest(backend: Backend, luod: int) -> Manifest:
 
 
 def write_env_file(path: str, update_count: int) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    """One per unit restored, before READY=1: os.open and one write, not open()'s text layers, and the
+    directory made only when it is missing."""
     tmp = os.path.join(os.path.dirname(path), ".writing")  # not PATH.tmp: a 253-character unit name fills NAME_MAX
-    with open(tmp, "w") as f:
-        f.write(f"LIVEUPDATE_RESTORED=1\nLIVEUPDATE_COUNT={update_count}\n")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        fd = os.open(tmp, flags, 0o644)
+    try:
+        write_all(fd, f"LIVEUPDATE_RESTORED=1\nLIVEUPDATE_COUNT={update_count}\n".encode(), 0)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 

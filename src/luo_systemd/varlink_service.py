@@ -424,7 +424,9 @@ class VarlinkService:
             handler = self.methods.get(method[len(varlink.INTERFACE) + 1 :])
             if handler is None:
                 return {"error": "org.varlink.service.MethodNotFound", "parameters": {"method": method}}
-            caller = authz.identify(conn.uid, conn.pid, conn.pidfd, self.cgroup_root, NO_PIDFD)
+            caller = authz.identify(
+                conn.uid, conn.pid, conn.pidfd, self.cgroup_root, NO_PIDFD, names_unit=bool(params.get("unit"))
+            )
         except Exception as e:
             return _failure(method, e)[0]
         return handler, caller, params
