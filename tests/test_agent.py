@@ -198,6 +198,30 @@ def test_a_bus_that_is_gone_leaves_luod_serving_varlink(tmp_path: Path, emulator
         agent.cleanup()
 
 
+def test_luod_joins_the_bus_once_it_answers(
+    tmp_path: Path, emulator: Emulator, bus: DBusDaemon, tree: UnitTree
+) -> None:
+    """luod is not ordered after dbus.socket, which listens only after sysinit.target: after a live update
+    every restored unit waits for luod.  It serves Varlink meanwhile and joins the bus once it answers."""
+    hidden = bus.socket.with_name("not-listening-yet")
+    bus.socket.rename(hidden)  # the bus's socket is not there yet, as early in a boot
+    agent = Agent(tmp_path, emulator, bus, tree)
+    try:
+        agent.start(wait=False)
+        assert agent.notify.ready.wait(30), agent.log.read_text()
+        deadline = time.monotonic() + 10
+        while "Not on the system bus" not in agent.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "serving Varlink only until it answers" in agent.log.read_text()
+        status, _ = agent.call("Status")
+        assert status["phase"] == "idle" and not agent.notify.on_bus.is_set()
+        hidden.rename(bus.socket)  # dbus.socket listens
+        assert agent.notify.on_bus.wait(10), agent.log.read_text()
+        assert agent.proc is not None and agent.proc.poll() is None
+    finally:
+        agent.cleanup()
+
+
 def test_a_busy_device_is_retried_then_reported(agent: Agent, emulator: Emulator) -> None:
     with emulator.backend.device():  # someone else (systemd >= 261, say) holds /dev/liveupdate
         started = time.monotonic()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import _socket
 import contextlib
 import functools
+import itertools
 import os
 import resource
 import stat
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 VARLINK_FDNAME = "varlink"  # FileDescriptorName= of luod.socket
 METRICS_COALESCE_SEC = 0.5
+BUS_RETRY_SEC = 1.0
+BUS_WAIT_SEC = 300
 
 
 class SystemdFdStore:
@@ -231,7 +234,6 @@ async def serve(
     cfg: config.Config, broker: Broker, loader: Loader, varlink: VarlinkService, adopted: list[Connection]
 ) -> int:
     import asyncio  # noqa: PLC0415 - after READY=1 (see main)
-    import concurrent.futures  # noqa: PLC0415 - asyncio's own import
     import signal  # noqa: PLC0415
 
     from luo_systemd.kexec_watch import KexecWatcher  # noqa: PLC0415 - imports asyncio
@@ -276,18 +278,61 @@ async def serve(
         tasks.append(asyncio.ensure_future(keep_metrics(broker, loader, cfg, metrics_changed)))
     # The bus joins after READY=1: units ordered After=luod.service wait for READY, and they talk Varlink.
     # A D-Bus caller meanwhile waits in dbus-daemon (io.liveupdate.Agent1.service activates luod.service).
-    # dbus_next loads in a thread: the Varlink service answers meanwhile (after a live update, restored units
-    # call it right after READY=1, in the blackout; the import alone takes longer than their restore).
-    bus = None
     if cfg.dbus:
-        # At the lowest priority, in a thread of its own: on a busy boot it does not take the CPU from the
-        # restored units starting meanwhile (in the sid qemu tier, the demo's start took 7 s instead of 3).
-        with concurrent.futures.ThreadPoolExecutor(1) as importer:
-            await loop.run_in_executor(importer, import_dbus_service)
-        bus = await join_bus(broker, varlink.cgroup_root, watcher)
-    if bus is not None:
-        from luo_systemd.dbus_service import BUS_NAME  # noqa: PLC0415
+        joining = asyncio.ensure_future(on_bus(cfg, broker, loader, varlink.cgroup_root, watcher, tasks))
+        joining.add_done_callback(bus_ended)
+        tasks.append(joining)
+    await stop.wait()
+    # Our fds live on in the fd store; a restart picks them up.
+    service_manager.send("STOPPING=1")
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)  # each leaves what it joined (the bus)
+    return 1 if failed else 0
 
+
+async def on_bus(
+    cfg: config.Config,
+    broker: Broker,
+    loader: Loader,
+    cgroup_root: str,
+    watcher: KexecWatcher,
+    tasks: list[asyncio.Task[object]],
+) -> None:
+    """luod on the system bus, as soon as the bus answers, until cancelled or the bus goes away.  luod is not
+    ordered after dbus.socket (which comes only after sysinit.target): after a live update every restored unit
+    waits for luod's READY=1, and luod must not wait for the bus; so the bus may not be listening yet.  It is
+    tried again every BUS_RETRY_SEC for BUS_WAIT_SEC: the bus is a second door (hooks and units use Varlink),
+    and it may be gone for good -- dbus.service stops in the very shutdown that a live update is.  A failure
+    here never ends luod: its exit would drop every session before the kexec."""
+    import asyncio  # noqa: PLC0415 - after READY=1 (see main)
+    import concurrent.futures  # noqa: PLC0415 - asyncio's own import
+
+    from dbus_next.errors import AuthError, DBusError  # noqa: PLC0415
+
+    # At the lowest priority, in a thread of its own: on a busy boot it does not take the CPU from the
+    # restored units starting meanwhile (in the sid qemu tier, the demo's start took 7 s instead of 3).
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ThreadPoolExecutor(1) as importer:
+        await loop.run_in_executor(importer, import_dbus_service)
+    from luo_systemd.dbus_service import BUS_NAME  # noqa: PLC0415
+
+    deadline = loop.time() + BUS_WAIT_SEC
+    for attempt in itertools.count():
+        try:
+            bus = await join_bus(broker, cgroup_root, watcher)
+            break
+        except (OSError, EOFError, AuthError, DBusError) as e:
+            reason = e or type(e).__name__
+            if not attempt:
+                log.warning("Not on the system bus (%s): serving Varlink only until it answers", reason)
+            if loop.time() >= deadline:
+                log.warning("Not on the system bus after %d s (%s): serving Varlink only", BUS_WAIT_SEC, reason)
+                return
+            await asyncio.sleep(BUS_RETRY_SEC)
+    if attempt:
+        log.info("On the system bus")
+    try:
         if cfg.block_shutdown:
             from luo_systemd.dbus_client import inhibit_shutdown  # noqa: PLC0415
             from luo_systemd.inhibitor import ShutdownBlock, keep_blocking  # noqa: PLC0415 - imports asyncio
@@ -296,25 +341,24 @@ async def serve(
             changed = asyncio.Event()
             broker.listeners.append(changed.set)
             tasks.append(asyncio.ensure_future(keep_blocking(broker, loader, block, changed)))
-        status = f"Phase {broker.phase.value}, {len(broker.units)} unit(s), on the bus as {BUS_NAME}"
-        service_manager.send(f"STATUS={status}")
-    await stop.wait()
-    # Our fds live on in the fd store; a restart picks them up.
-    service_manager.send("STOPPING=1")
-    for task in tasks:
-        task.cancel()
-    if bus is not None:
+        service_manager.send(
+            f"STATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), on the bus as {BUS_NAME}"
+        )
+        try:
+            await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+        except Exception as e:  # the bus went away: dbus.service stops in the shutdown a live update is
+            log.info("Left the system bus: %s", e)
+    finally:
         bus.disconnect()  # type: ignore[no-untyped-call]
-    return 1 if failed else 0
 
 
-async def join_bus(broker: Broker, cgroup_root: str, watcher: KexecWatcher) -> Optional[AgentBus]:
-    """luod on the system bus, or None when the bus cannot be joined: the bus is a second door (hooks and
-    units use Varlink), and it may be gone already -- dbus.service stops in the very shutdown that a live
-    update is, and on a slow boot luod may only get to the bus then.  A failure here must never end luod:
-    its exit would drop every session before the kexec."""
-    from dbus_next.errors import AuthError, DBusError  # noqa: PLC0415
+def bus_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("Left the system bus after an unexpected error: %r", task.exception())
 
+
+async def join_bus(broker: Broker, cgroup_root: str, watcher: KexecWatcher) -> AgentBus:
+    """luod's D-Bus service on the system bus; raises what connecting raises (nothing is left open then)."""
     from luo_systemd.dbus_service import (  # noqa: PLC0415
         BUS_NAME,
         OBJECT_PATH,
@@ -324,20 +368,17 @@ async def join_bus(broker: Broker, cgroup_root: str, watcher: KexecWatcher) -> O
         watch_peers,
     )
 
-    bus = None
+    bus = AgentBus()  # connects its socket here
     try:
-        bus = AgentBus()  # connects its socket here
         await bus.connect()
         agent = Agent1(bus, broker, cgroup_root, watcher.before_preserve)
         install_fd_guard(bus, agent)
         await watch_peers(bus)
         bus.export(OBJECT_PATH, agent)
         await bus.request_name(BUS_NAME)
-    except (OSError, EOFError, AuthError, DBusError) as e:
-        log.warning("Not on the system bus (%s): serving Varlink only", e or type(e).__name__)
-        if bus is not None:
-            bus.disconnect()  # type: ignore[no-untyped-call]
-        return None
+    except BaseException:
+        bus.disconnect()  # type: ignore[no-untyped-call]
+        raise
     return bus
 
 
