@@ -30,7 +30,7 @@ def setup_dirs(tmp: Path) -> tuple[Path, Path]:
         text = (TOP / "units" / name).read_text()
         # A user manager in this private namespace cannot set up mount namespaces (no /run/systemd/inaccessible
         # without PID 1, no /dev/kmsg or /proc/kallsyms to mask): those lines go; the nspawn tests run them all.
-        mounts = ("Protect", "PrivateTmp=", "PrivateMounts=", "ReadWritePaths=")
+        mounts = ("Protect", "TemporaryFileSystem=", "PrivateMounts=", "ReadWritePaths=")
         text = "\n".join(line for line in text.splitlines() if not line.startswith(mounts))
         (units / name).write_text(text + "\n")
     demo = (TOP / "demo" / "luo-demo-cache.service").read_text()
