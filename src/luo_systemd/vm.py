@@ -56,6 +56,13 @@ START_TIMEOUT_SEC = 60.0
 # The cpr-reboot save and load: device state only; RAM in a shared file mapping is left where it is.
 IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
 MIGRATION_EVENTS = {"capability": "events", "state": True}
+# The restore's QMP commands, sent at once before QEMU has even started: its monitor reads them right after
+# its greeting, so the load starts as soon as QEMU can.
+LOAD = (
+    ("migrate-set-capabilities", {"capabilities": [IGNORE_SHARED]}),
+    ("migrate-set-parameters", {"mode": "cpr-reboot"}),
+    ("migrate-incoming", {"uri": f"file:/dev/fdset/{LOAD_FDSET}"}),
+)
 
 
 class Launch:
@@ -306,18 +313,13 @@ def resume(unit: str, launch: Launch, ram: int, saved: int, args: int, t_start: 
     finally:
         listener.close()  # QEMU's now: should it exit, the connection ends instead of waiting for a greeting
         close_all([save_fd, load_fd])
-    # Sent at once and read by QEMU's monitor right after its greeting: the load starts as soon as QEMU can.
-    load = (
-        ("migrate-set-capabilities", {"capabilities": [IGNORE_SHARED]}),
-        ("migrate-set-parameters", {"mode": "cpr-reboot"}),
-        ("migrate-incoming", {"uri": f"file:/dev/fdset/{LOAD_FDSET}"}),
-    )
     try:
         with varlink.Client(luod_socket(), timeout=30) as luod:  # while QEMU starts
             luod.call("Store", {"names": [RAM, STATE, ARGS]}, [ram, state, args])
-        with Qmp(client, pipeline=load) as qmp:
+        t_stored = time.time()
+        with Qmp(client, pipeline=LOAD) as qmp:
             t_qmp = time.time()
-            for command, _ in load:
+            for command, _ in LOAD:
                 qmp.reply(command)
             qmp.event(("RESUME",))  # the guest runs again by itself once the state is loaded
             t_running = time.time()
@@ -336,6 +338,7 @@ def resume(unit: str, launch: Launch, ram: int, saved: int, args: int, t_start: 
             "qemu_spawned": t_spawned,
             "qmp_ready": t_qmp,
             "running": t_running,
+            "stored": t_stored,
             "state_bytes": state_bytes,
         },
     )

@@ -206,14 +206,16 @@ def restore_start(unit: dict[str, float], restore: dict[str, Any]) -> float:
 
 
 def restore_steps(unit: dict[str, float], restore: dict[str, Any]) -> list[tuple[str, float, float]]:
-    """The restore's steps: (what, from, to), wall clock.  The launcher's process start has the 10 ms
-    resolution of /proc's start times: the first step is systemd's exec, the interpreter and the imports."""
+    """The restore's steps: (what, from, to), wall clock; the memfds' Store overlaps QEMU's start.  The
+    launcher's fork has the 10 ms resolution of /proc's start times."""
     r = restore
     return [
-        ("systemd exec, Python and imports", restore_start(unit, r), r["started"]),
+        ("systemd: unit start -> launcher forked (10 ms ticks)", restore_start(unit, r), r["process_started"]),
+        ("systemd's exec, Python and imports", r["process_started"], r["started"]),
         ("luod Retrieve", r["started"], r["retrieved"]),
         ("QEMU spawned", r["retrieved"], r["qemu_spawned"]),
-        ("QEMU up (QMP greeting; memfds stored meanwhile)", r["qemu_spawned"], r["qmp_ready"]),
+        ("  (memfds stored in luod meanwhile)", r["qemu_spawned"], r["stored"]),
+        ("QEMU up (its QMP greeting)", r["qemu_spawned"], r["qmp_ready"]),
         ("state loaded and guest running", r["qmp_ready"], r["running"]),
     ]
 
