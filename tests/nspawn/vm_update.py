@@ -246,7 +246,7 @@ def report(o: VmOutcome) -> str:
             f"({100.0 * r['state_bytes'] / s['ram_bytes']:.2f} % of RAM)",
             f"  VM pause (QEMU stopped the guest -> guest running again): {o.vm_pause_sec:.2f}s",
             f"    the VM's own share: save+quit {(s['exited'] - s['paused']) * ms:.0f} ms, "
-            f"restore (unit start -> guest running) {(r['running'] - restore_start(u, r)) * ms:.0f} ms, "
+            f"restore (unit started, luod ready -> guest running) {(r['running'] - restore_start(u, r)) * ms:.0f} ms, "
             f"together {o.vm_share_sec * ms:.0f} ms",
             "      restore steps: "
             + ", ".join(f"{label} {(b - a) * ms:.0f} ms" for label, a, b in restore_steps(u, r)),
