@@ -6,8 +6,9 @@ same run (README, "Tests").
 One container per suite (tests/nspawn/vm_update.py's VmBed: luo-qemu@demo.service with the demo guest, on the
 emulator).  Each round, in that container:
 - a live update of luo-qemu@demo.service (``liveupdatectl kexec``); the VM's share of its blackout is the save
-  and quit plus the restore from the unit's start in the new boot to the guest running (systemd's exec, the
-  launcher, luod, QEMU's start, the load): the host's kexec and boot are left out;
+  and quit plus the restore from the unit's start in the new boot, or luod's READY=1 if that came later (the
+  unit has Restore=early: it starts while luod restores), to the guest running (systemd's exec, the launcher,
+  luod's answer, QEMU's start, the load): the host's kexec and boot are left out;
 - ``--bare`` restarts of a second guest of the same configuration without systemd, luod or a kexec
   (bench/vm_restart.py: luo-qemu's own command line and QMP steps, the RAM memfd held by that process): the
   same save and quit, then at once a new QEMU on the same RAM loading the state.
@@ -91,7 +92,7 @@ def suite_run(suite: str, packages: list[Path], rounds: int, bare: int) -> tuple
         print(f"  luo-qemu, the VM's share:   {ms(share)}")
         print(f"    save+quit                 {ms([o.save['exited'] - o.save['paused'] for o in good])}")
         restores = [o.restore["running"] - restore_start(o.unit, o.restore) for o in good]
-        print(f"    restore, unit start ->    {ms(restores)}")
+        print(f"    restore, from unit start and luod ready {ms(restores)}")
         for label, values in steps.items():
             print(f"      {label:<50} {ms(values)}")
         print(f"  bare QEMU restart:          {ms([r['total'] for r in restarts])}")

@@ -34,14 +34,9 @@ def start_qemu(launch: vm.Launch, ram: int, state: int, saved: int) -> tuple[int
     finally:
         listener.close()
         vm.close_all([save_fd, load_fd if load_fd is not None else -1])
-    load = (
-        ("migrate-set-capabilities", {"capabilities": [vm.IGNORE_SHARED]}),
-        ("migrate-set-parameters", {"mode": "cpr-reboot"}),
-        ("migrate-incoming", {"uri": f"file:/dev/fdset/{vm.LOAD_FDSET}"}),
-    )
-    qmp = Qmp(client, load if load_fd is not None else ())
+    qmp = Qmp(client, vm.LOAD if load_fd is not None else ())
     if load_fd is not None:
-        for command, _ in load:
+        for command, _ in vm.LOAD:
             qmp.reply(command)
         qmp.event(("RESUME",))
     return pid, qmp

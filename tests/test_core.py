@@ -110,6 +110,8 @@ def test_policy_defaults_and_overrides() -> None:
     reset = parse_policy(["[X-LiveUpdate]\nFileDescriptorNames=a\n", "[X-LiveUpdate]\nFileDescriptorNames=\n"])
     assert reset is not None and reset.fd_names == () and reset.carries("anything")
     assert parse_policy([policy.to_section()]) == policy, "the normalized section reads back the same"
+    early = parse_policy(["[X-LiveUpdate]\nRestore=early\n"])
+    assert early is not None and early.restore is RestoreMode.EARLY and "Restore=early" in early.to_section()
 
 
 def test_on_preflight_failure_defaults_to_leaving_the_unit_out() -> None:

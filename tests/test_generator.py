@@ -93,6 +93,20 @@ def test_a_boot_without_handover_does_not_wait_for_luod(monkeypatch: pytest.Monk
     assert cold.split("[Service]")[1] == after_kexec.split("[Service]")[1]  # the same hooks and settings
 
 
+def test_a_unit_with_restore_early_never_waits_for_luods_ready(tmp_path: Path) -> None:
+    """It asks luod what was restored; only its socket must be there (luo-qemu@.service)."""
+    units_dir = tmp_path / "units"
+    units_dir.mkdir()
+    (units_dir / "vm.service").write_text("[Service]\nExecStart=/bin/true\n[X-LiveUpdate]\nRestore=early\n")
+    units = generator.collect_units([str(units_dir)])
+    for handed_over in (True, False):
+        dropin = generator.plan(units, 262, handed_over=handed_over).files["vm.service.d/50-liveupdate.conf"]
+        lines = dropin.splitlines()
+        assert "After=luod.socket" in lines and "After=luod.service" not in lines, dropin
+        assert "Wants=luod.service" in lines and "Restore=early" in lines
+        assert not [line for line in lines if line.startswith("ExecStartPre=")], dropin
+
+
 def test_systemd_version_is_found() -> None:
     assert generator.systemd_version() >= 252
 

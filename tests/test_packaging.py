@@ -198,12 +198,19 @@ def test_main_package_contents(debs: dict[str, Deb]) -> None:
     )
 
 
-def test_the_generator_finds_the_installed_package(debs: dict[str, Deb]) -> None:
-    """It runs without site (python3 -IS): the build writes the package's directory into it."""
-    generator = debs["luo-systemd"].read(f"{pkg_config('systemdsystemgeneratordir')}/luo-systemd-generator")
-    assert generator.startswith("#!/usr/bin/python3 -IS\n"), generator.splitlines()[0]
-    assert 'PACKAGE_DIR = "/usr/lib/python3/dist-packages"\n' in generator, generator
-    assert "/usr/lib/python3/dist-packages/luo_systemd/generator.py" in debs["luo-systemd"].contents()
+@pytest.mark.parametrize(
+    ("path", "module"),
+    [
+        (f"{pkg_config('systemdsystemgeneratordir')}/luo-systemd-generator", "generator.py"),
+        ("/usr/bin/luo-qemu", "vm.py"),  # in a live-updated VM's blackout
+    ],
+)
+def test_the_commands_without_site_find_the_installed_package(debs: dict[str, Deb], path: str, module: str) -> None:
+    """They run without site (python3 -IS): the build writes the package's directory into them."""
+    script = debs["luo-systemd"].read(path)
+    assert script.startswith("#!/usr/bin/python3 -IS\n"), script.splitlines()[0]
+    assert 'PACKAGE_DIR = "/usr/lib/python3/dist-packages"\n' in script, script
+    assert f"/usr/lib/python3/dist-packages/luo_systemd/{module}" in debs["luo-systemd"].contents()
 
 
 def test_emulator_package_contents(debs: dict[str, Deb]) -> None:

@@ -89,11 +89,50 @@ def test_a_copy_of_the_ram_is_no_live_update() -> None:
 
 
 def test_a_live_updated_vm_whose_memory_does_not_come_is_not_booted_over(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LIVEUPDATE_RESTORED", "1")
     monkeypatch.setenv("LUOD_SOCKET", "/nonexistent/luod.sock")
     monkeypatch.setattr(vm, "boot", lambda *_: pytest.fail("booted over a live-updated guest"))
     with pytest.raises(AgentUnavailable):
         vm.start("luo-qemu@web.service")
+
+
+class RestoredByLuod:
+    """varlink.Client as luo-qemu's start sees it: luod's answer to Retrieve without names."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.fds = [os.memfd_create(name) for name in names]
+
+    def __call__(self, *_: object, **__: object) -> RestoredByLuod:
+        return self
+
+    def __enter__(self) -> RestoredByLuod:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def call(self, method: str, parameters: Any = None) -> tuple[dict[str, Any], list[int]]:
+        assert method == "Retrieve" and not parameters, "all that was restored, whatever it is"
+        return {"names": self.names}, self.fds
+
+    def closed(self) -> bool:
+        return all(not os.path.exists(f"/proc/self/fd/{fd}") for fd in self.fds)
+
+
+def test_a_start_asks_luod_what_was_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restore=early: LIVEUPDATE_RESTORED may not be set yet; luod's answer decides."""
+    monkeypatch.delenv("LIVEUPDATE_RESTORED", raising=False)
+    nothing = RestoredByLuod([])
+    monkeypatch.setattr(vm.varlink, "Client", nothing)
+    monkeypatch.setattr(vm, "boot", lambda unit, name: f"booted {name}")
+    assert vm.start("luo-qemu@web.service") == "booted web"
+
+    partial = RestoredByLuod([vm.RAM, vm.ARGS])
+    monkeypatch.setattr(vm.varlink, "Client", partial)
+    monkeypatch.setattr(vm, "boot", lambda *_: pytest.fail("booted over a live-updated guest"))
+    with pytest.raises(VmmFailed, match=r"restored guest-ram vm-args for luo-qemu@web\.service, not "):
+        vm.start("luo-qemu@web.service")
+    assert partial.closed()
 
 
 def test_qmp_commands_go_ahead_of_the_greeting_and_events_are_kept() -> None:

@@ -12,10 +12,11 @@ holds what QEMU's command line is made of (from the configuration), so that the 
   (the next ExecStop=) preserves the memfds.  If QEMU copied the guest RAM into the state after all, that
   is not a live update: the memfds are given up and the guest will boot afresh.
 - start after the kexec (the blackout): the launcher retrieves the memfds from luod itself (the unit has
-  ``Restore=explicit``: no luo-hook process runs before it), starts QEMU on the same RAM with the same
-  arguments and ``-incoming defer``, and loads the state; the guest carries on.  This path imports only what
-  it uses (no tomllib, re, json, subprocess or typing: they cost more than the rest of it), talks QMP on a
-  socket connected before QEMU starts, with every command sent ahead, and waits for events, not by polling.
+  ``Restore=early``: no luo-hook process runs before it, and it starts while luod restores, not after luod's
+  READY=1), starts QEMU on the same RAM with the same arguments and ``-incoming defer``, and loads the state;
+  the guest carries on.  This path imports only what it uses (no tomllib, re, json, subprocess or typing:
+  they cost more than the rest of it), talks QMP on a socket connected before QEMU starts, with every
+  command sent ahead, and waits for events, not by polling.
 - an ordinary stop: ACPI power-down (system_powerdown), ``quit`` after the configured time; the memfds are
   removed from luod, so the next start boots the guest afresh.
 
@@ -56,6 +57,13 @@ START_TIMEOUT_SEC = 60.0
 # The cpr-reboot save and load: device state only; RAM in a shared file mapping is left where it is.
 IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
 MIGRATION_EVENTS = {"capability": "events", "state": True}
+# The restore's QMP commands, sent at once before QEMU has even started: its monitor reads them right after
+# its greeting, so the load starts as soon as QEMU can.
+LOAD = (
+    ("migrate-set-capabilities", {"capabilities": [IGNORE_SHARED]}),
+    ("migrate-set-parameters", {"mode": "cpr-reboot"}),
+    ("migrate-incoming", {"uri": f"file:/dev/fdset/{LOAD_FDSET}"}),
+)
 
 
 class Launch:
@@ -278,17 +286,23 @@ def process_start_time() -> float:
 def start(unit: str) -> str:
     t_start = time.time()
     name = instance_of(unit)
-    if os.environ.get("LIVEUPDATE_RESTORED") == "1":
-        # Restore=explicit: the memfds come from luod, not the fd store.  Should one be missing, this fails:
-        # a fresh boot would replace the guest's RAM in luod for good (Restart= tries again).
-        with varlink.Client(luod_socket(), timeout=30) as luod:
-            ram, saved, args = luod.call("Retrieve", {"names": [RAM, STATE, ARGS]})[1]
-        try:
+    # Restore=early: the unit starts with luod's socket, not after luod's READY=1, so luod itself says what
+    # it restored for this unit (it answers once its restore is done): nothing, or the three memfds.  Should
+    # one be missing, this fails: a fresh boot would replace the guest's RAM in luod for good (Restart=
+    # tries again).
+    with varlink.Client(luod_socket(), timeout=30) as luod:
+        reply, fds = luod.call("Retrieve")
+    try:
+        restored = dict(zip(reply.get("names", ()), fds))
+        if restored:
+            if sorted(restored) != sorted((RAM, STATE, ARGS)) or len(fds) != len(restored):
+                raise VmmFailed(f"luod restored {' '.join(sorted(restored))} for {unit}, not {RAM} {STATE} {ARGS}")
+            ram, saved, args = restored[RAM], restored[STATE], restored[ARGS]
             launch = Launch.decode(name, read_all(args, MAX_ARGS_BYTES))
             if resumable(launch.memory_bytes, os.fstat(ram).st_size, os.fstat(saved).st_size):
                 return resume(unit, launch, ram, saved, args, t_start)
-        finally:
-            close_all([ram, saved, args])
+    finally:
+        close_all(fds)
     return boot(unit, name)
 
 
@@ -306,18 +320,13 @@ def resume(unit: str, launch: Launch, ram: int, saved: int, args: int, t_start: 
     finally:
         listener.close()  # QEMU's now: should it exit, the connection ends instead of waiting for a greeting
         close_all([save_fd, load_fd])
-    # Sent at once and read by QEMU's monitor right after its greeting: the load starts as soon as QEMU can.
-    load = (
-        ("migrate-set-capabilities", {"capabilities": [IGNORE_SHARED]}),
-        ("migrate-set-parameters", {"mode": "cpr-reboot"}),
-        ("migrate-incoming", {"uri": f"file:/dev/fdset/{LOAD_FDSET}"}),
-    )
     try:
         with varlink.Client(luod_socket(), timeout=30) as luod:  # while QEMU starts
             luod.call("Store", {"names": [RAM, STATE, ARGS]}, [ram, state, args])
-        with Qmp(client, pipeline=load) as qmp:
+        t_stored = time.time()
+        with Qmp(client, pipeline=LOAD) as qmp:
             t_qmp = time.time()
-            for command, _ in load:
+            for command, _ in LOAD:
                 qmp.reply(command)
             qmp.event(("RESUME",))  # the guest runs again by itself once the state is loaded
             t_running = time.time()
@@ -336,6 +345,7 @@ def resume(unit: str, launch: Launch, ram: int, saved: int, args: int, t_start: 
             "qemu_spawned": t_spawned,
             "qmp_ready": t_qmp,
             "running": t_running,
+            "stored": t_stored,
             "state_bytes": state_bytes,
         },
     )

@@ -175,12 +175,13 @@ class VmBed(LiveUpdateBed):
         )
 
     def unit_times(self) -> dict[str, float]:
-        """When the unit's last start began: systemd's monotonic timestamp (microseconds; the container shares
-        the host's CLOCK_MONOTONIC) turned into wall-clock time.  (Not ExecMainStartTimestamp: MAINPID= moves
-        it to QEMU's start.)"""
-        key = "InactiveExitTimestampMonotonic"
-        value = self.c.sh(f"systemctl show -P {key} {UNIT}", check=True).stdout.strip()
-        return {"started": int(value) / 1e6 + time.time() - time.monotonic()}
+        """When the unit's last start began, and when luod last became ready (READY=1): systemd's monotonic
+        timestamps (microseconds; the container shares the host's CLOCK_MONOTONIC) turned into wall-clock
+        time.  (Not ExecMainStartTimestamp: MAINPID= moves it to QEMU's start.)"""
+        offset = time.time() - time.monotonic()
+        unit = self.c.sh(f"systemctl show -P InactiveExitTimestampMonotonic {UNIT}", check=True).stdout
+        luod = self.c.sh("systemctl show -P ActiveEnterTimestampMonotonic luod.service", check=True).stdout
+        return {"started": int(unit) / 1e6 + offset, "luod_ready": int(luod) / 1e6 + offset}
 
     def refused_update(self) -> dict[str, Any]:
         """liveupdatectl kexec with a QEMU that cannot keep the guest (bookworm's 7.2): refused, nothing stops."""
@@ -200,22 +201,31 @@ class VmBed(LiveUpdateBed):
 
 
 def restore_start(unit: dict[str, float], restore: dict[str, Any]) -> float:
-    """When the restore began: the unit's start, or the launcher's process start if that came first (without
-    ExecStartPre= systemd marks the unit started only once it has spawned ExecStart=)."""
-    return min(unit["started"], restore["process_started"])
+    """When the VM's part of the restore began: the unit's start, or the launcher's process start if that came
+    first (without ExecStartPre= systemd marks the unit started only once it has spawned ExecStart=), but not
+    before luod's READY=1: the unit (Restore=early) starts while luod restores, which is the host's boot."""
+    return max(min(unit["started"], restore["process_started"]), unit["luod_ready"])
 
 
 def restore_steps(unit: dict[str, float], restore: dict[str, Any]) -> list[tuple[str, float, float]]:
-    """The restore's steps: (what, from, to), wall clock.  The launcher's process start has the 10 ms
-    resolution of /proc's start times: the first step is systemd's exec, the interpreter and the imports."""
-    r = restore
-    return [
-        ("systemd exec, Python and imports", restore_start(unit, r), r["started"]),
+    """The restore's steps from ``restore_start``: (what, from, to), wall clock; what was done while luod
+    restored counts 0 (the memfds' Store overlaps QEMU's start).  The launcher's fork has the 10 ms
+    resolution of /proc's start times."""
+    r, start = restore, restore_start(unit, restore)
+    steps = [
+        (
+            "systemd: unit start -> launcher forked (10 ms ticks)",
+            min(unit["started"], r["process_started"]),
+            r["process_started"],
+        ),
+        ("systemd's exec, Python and imports", r["process_started"], r["started"]),
         ("luod Retrieve", r["started"], r["retrieved"]),
         ("QEMU spawned", r["retrieved"], r["qemu_spawned"]),
-        ("QEMU up (QMP greeting; memfds stored meanwhile)", r["qemu_spawned"], r["qmp_ready"]),
+        ("  (memfds stored in luod meanwhile)", r["qemu_spawned"], r["stored"]),
+        ("QEMU up (its QMP greeting)", r["qemu_spawned"], r["qmp_ready"]),
         ("state loaded and guest running", r["qmp_ready"], r["running"]),
     ]
+    return [(label, max(a, start), max(b, start)) for label, a, b in steps]
 
 
 def report(o: VmOutcome) -> str:
@@ -236,12 +246,12 @@ def report(o: VmOutcome) -> str:
             f"({100.0 * r['state_bytes'] / s['ram_bytes']:.2f} % of RAM)",
             f"  VM pause (QEMU stopped the guest -> guest running again): {o.vm_pause_sec:.2f}s",
             f"    the VM's own share: save+quit {(s['exited'] - s['paused']) * ms:.0f} ms, "
-            f"restore (unit start -> guest running) {(r['running'] - restore_start(u, r)) * ms:.0f} ms, "
+            f"restore (unit started, luod ready -> guest running) {(r['running'] - restore_start(u, r)) * ms:.0f} ms, "
             f"together {o.vm_share_sec * ms:.0f} ms",
             "      restore steps: "
             + ", ".join(f"{label} {(b - a) * ms:.0f} ms" for label, a, b in restore_steps(u, r)),
             f"    the host's: kexec request -> container down {o.container_down - o.kexec_requested:.2f}s, "
-            f"QEMU gone -> unit started in the new boot {u['started'] - s['exited']:.2f}s",
+            f"QEMU gone -> unit started and luod ready in the new boot {restore_start(u, r) - s['exited']:.2f}s",
         ]
     else:
         lines.append(f"  no save/restore figures: {o.figures}")
