@@ -8,6 +8,7 @@ import pickle
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -218,34 +219,57 @@ def test_manifest_refused_when_not_understood(mutate: object, message: str) -> N
 
 
 SETS_NOTHING = '# luod(8) configuration\n\n[agent]\n#backend = "kernel"\r\n  # indented\t\n'
+SIMPLE = '[agent]\nbackend = "emulator"\n\tmax_fds_total=0\r\ndbus = false\n'
 
 
 @pytest.mark.parametrize(
-    ("text", "skipped"),
+    ("text", "settings"),
     [
-        (SETS_NOTHING, True),  # what the package ships: comments, blank lines, one [agent]
-        ("", True),
-        ('[agent]\nbackend = "emulator"\n', False),
-        ("[agent]\n[agent]\n", False),  # a table defined twice: tomllib refuses it
-        ("# a comment with a\x01control character\n", False),  # refused by TOML, so left to tomllib
-        ("[ agent ]\n", False),  # the same table to TOML, but not this rule's to judge
-        ("[other]\n", False),
+        (SETS_NOTHING, {}),  # what the package ships: comments, blank lines, one [agent]
+        ("", {}),
+        (SIMPLE, {"backend": "emulator", "max_fds_total": 0, "dbus": False}),
+        ('[agent]\nenv_dir = "/run/é\tx #1"\nbusy_retries = 12\n', {"env_dir": "/run/é\tx #1", "busy_retries": 12}),
+        # Everything else is tomllib's: what it reads differently, or refuses.
+        ("[agent]\n[agent]\n", None),  # a table defined twice: refused
+        ("# a comment with a\x01control character\n", None),  # refused
+        ("[ agent ]\n", None),  # the same table to TOML, but not this rule's to judge
+        ("[other]\n", None),
+        ('backend = "emulator"\n[agent]\n', None),  # outside the table
+        ("[agent]\nbusy_retries = 1\nbusy_retries = 2\n", None),  # set twice: refused
+        ('[agent]\nbackend = "emulator" # a comment\n', None),
+        ('[agent]\nbackend = "emu\\u006cator"\n', None),  # an escape
+        ('[agent]\nbackend = "a"b"\n', None),  # refused
+        ("[agent]\nbackend = 'emulator'\n", None),  # a literal string
+        ('[agent]\n"backend" = "emulator"\n', None),  # a quoted key
+        ("[agent]\nagent.dbus = true\n", None),  # a dotted key
+        ("[agent]\nbusy_retries = 01\n", None),  # refused
+        ("[agent]\nbusy_retries = 1_000\n", None),
+        ("[agent]\nbusy_retries = +1\n", None),
+        ("[agent]\nbusy_retries = \u0661\n", None),  # a digit to str.isdigit, not to TOML: refused
+        ("[agent]\ndbus = True\n", None),  # refused
+        ("[agent]\ndbus =\n", None),  # refused
+        ("[agent]\ndbus\n", None),  # refused
+        ('[agent]\nsystemctl = ["systemctl"]\n', None),  # an array
+        ('[agent]\nbackend = "x\x7f"\n', None),  # a control character: refused
+        ("[agent]\ndbus = true\r", None),  # a lone CR: refused
     ],
 )
-def test_a_file_of_comments_is_skipped_and_anything_else_parsed(text: str, skipped: bool) -> None:
-    assert config.sets_nothing(text.encode()) is skipped
+def test_simple_files_are_read_without_tomllib(text: str, settings: Optional[dict[str, object]]) -> None:
+    assert config.simple_settings(text.encode()) == settings
+    if settings is not None:  # read as tomllib reads it
+        assert tomllib.loads(text).get("agent", {}) == settings
 
 
-def test_the_skip_changes_no_outcome(tmp_path: Path) -> None:
-    """Whatever sets_nothing skips parses to no settings; what it leaves to tomllib is still refused."""
-    quiet, twice, control = tmp_path / "quiet.toml", tmp_path / "twice.toml", tmp_path / "control.toml"
-    quiet.write_text(SETS_NOTHING)
+def test_what_tomllib_reads_outcomes_unchanged(tmp_path: Path) -> None:
+    """What simple_settings leaves to tomllib is parsed, or refused, as before."""
+    twice, control, quoted = tmp_path / "twice.toml", tmp_path / "control.toml", tmp_path / "quoted.toml"
     twice.write_text("[agent]\n[agent]\n")
     control.write_bytes(b"# \x01\n")
-    assert tomllib.loads(SETS_NOTHING) == {"agent": {}} and config.load([str(quiet)]) == config.Config()
+    quoted.write_text('[agent]\n"busy_retries" = 3 # quoted\n')
     for path in (twice, control):
         with pytest.raises(InvalidRequest, match=re.escape(str(path))):
             config.load([str(path)])
+    assert config.load([str(quoted)]) == config.Config(busy_retries=3)
 
 
 def test_config_types_are_checked(tmp_path: Path) -> None:

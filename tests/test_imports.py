@@ -19,10 +19,12 @@ NEVER = ("asyncio", "dbus_next", "ctypes", "hashlib", "ssl", "dataclasses", "sub
 NOT_FOR_THE_HOOK = ("typing", "json", "re", "socket", "enum", "array", "luo_systemd.policy")
 # luo_systemd.records says why for the generator's:
 NOT_FOR_THE_GENERATOR = ("typing", "json", "re", "socket", "collections", "enum", "functools")
-# luod up to READY=1 (luo_systemd.agent says why); tomllib too, for the shipped configuration (below).
+# luod up to READY=1 (luo_systemd.agent says why), with a configuration of simple settings
+# (luo_systemd.config.simple_settings) such as the shipped one and the harness's.
 NOT_BEFORE_READY = (
     *("asyncio", "dbus_next", "subprocess", "hashlib", "logging", "dataclasses", "inspect", "typing", "json"),
     *("re", "socket", "selectors", "signal", "systemd", "luo_systemd.kexec", "luo_systemd.dbus_service"),
+    *("tomllib", "tomli"),
 )
 
 # Runs a command as its script would, then prints the modules it loaded, one a line (stdout is free: the
@@ -117,13 +119,6 @@ def test_luod_reaches_ready_without_its_serving_modules(tmp_path: Path, emulator
     agent.program = READY_PROBE
     agent.fdstore = {}  # kept and handed back, as systemd's fd store
 
-    # The harness's luod.toml sets things: tomllib's own imports are exempt here (the shipped file needs
-    # no parser: the next test).
-    parser = "tomllib" if sys.version_info >= (3, 11) else "tomli"
-    code = f"import sys; before = set(sys.modules); import {parser}; print(*set(sys.modules) - before)"
-    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True)
-    toml_parser = set(out.stdout.split())
-    assert parser in toml_parser
 
     def ready_modules(start: str) -> set[str]:
         path = tmp_path / f"modules-{start}"
@@ -131,9 +126,8 @@ def test_luod_reaches_ready_without_its_serving_modules(tmp_path: Path, emulator
         agent.start()
         modules = set(path.read_text().split())
         assert "luo_systemd.broker" in modules, sorted(modules)
-        ours = modules - toml_parser
-        assert not {m.split(".")[0] for m in ours} & set(NOT_BEFORE_READY), (start, sorted(ours))
-        assert not ours & set(NOT_BEFORE_READY), (start, sorted(ours))
+        assert not {m.split(".")[0] for m in modules} & set(NOT_BEFORE_READY), (start, sorted(modules))
+        assert not modules & set(NOT_BEFORE_READY), (start, sorted(modules))
         return modules
 
     try:
@@ -161,7 +155,7 @@ def test_luod_reaches_ready_without_its_serving_modules(tmp_path: Path, emulator
 
 
 def test_the_shipped_configuration_needs_no_toml_parser() -> None:
-    """/usr/lib/luod/luod.toml is every setting commented out (luo_systemd.config.sets_nothing)."""
+    """/usr/lib/luod/luod.toml is every setting commented out (luo_systemd.config.simple_settings)."""
     code = (
         "import sys; from luo_systemd import config\n"
         f"assert config.load([{str(TOP / 'packaging' / 'luod.toml')!r}]) == config.Config()\n"

@@ -13,7 +13,7 @@ from luo_systemd.records import NamedTuple
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
-    from typing import Any
+    from typing import Any, Optional
 
 CONFIG_DIRS = ("/usr/lib/luod", "/run/luod", "/etc/luod")
 BACKENDS = ("kernel", "emulator")
@@ -52,24 +52,61 @@ def config_files(dirs: Iterable[str] = CONFIG_DIRS) -> list[str]:
     return files + [dropins[n] for n in sorted(dropins)]
 
 
-def sets_nothing(data: bytes) -> bool:
-    """Whether a file is, line by line, only blank lines, comments and at most one ``[agent]`` header: then
-    it sets nothing, as the shipped /usr/lib/luod/luod.toml (every setting commented out).  luod reads it at
-    every start, before READY=1, and tomllib with its imports (re, datetime, string) costs that start more
-    than the rest of the configuration.  Anything else, or a comment TOML refuses (a control character,
-    bytes that are not UTF-8), is left to tomllib."""
+BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def _toml_text(text: str) -> bool:
+    """No character TOML refuses in a comment or a basic string (control characters but tab)."""
+    return all(c == "\t" or " " <= c != "\x7f" for c in text)
+
+
+def _plain_string(value: str) -> bool:
+    """A TOML basic string without escapes: no quote, backslash or control character between its quotes."""
+    inner = value[1:-1]
+    return len(value) >= 2 and value[0] == value[-1] == '"' and not {'"', "\\"} & set(inner) and _toml_text(inner)
+
+
+def simple_settings(data: bytes) -> Optional[dict[str, Any]]:
+    """The settings of a file that is, line by line, only blank lines, comments, at most one ``[agent]``
+    header before any setting, and ``key = value`` with a bare key and a value that is a basic string
+    without escapes, a decimal integer or a boolean; None for anything else, which is left to tomllib.
+    luod reads its configuration at every start, before READY=1, and tomllib with its imports (re,
+    datetime, string, and the regular expressions it compiles) costs that start more than all the rest:
+    the shipped /usr/lib/luod/luod.toml (every setting commented out) and the few lines an administrator
+    writes to /etc/luod need none of it.  What this reads, tomllib reads the same (tests/test_core.py)."""
     try:
         text = data.decode()
     except UnicodeDecodeError:
-        return False
-    headers = 0
+        return None
+    if "\r" in text.replace("\r\n", "\n"):  # a lone CR, which TOML refuses
+        return None
+    settings: dict[str, Any] = {}
+    header = False
     for raw in text.split("\n"):
         line = raw.removesuffix("\r").strip(" \t")
+        if not line or line.startswith("#"):
+            if not _toml_text(line):
+                return None
+            continue
         if line == "[agent]":
-            headers += 1
-        elif line and not (line.startswith("#") and all(c == "\t" or " " <= c != "\x7f" for c in line)):
-            return False
-    return headers <= 1
+            if header:  # a table defined twice: tomllib refuses it
+                return None
+            header = True
+            continue
+        key, equals, value = line.partition("=")
+        key, value = key.rstrip(" \t"), value.lstrip(" \t")
+        # A key before [agent] is outside the table, a key set twice refused: tomllib's to judge.
+        if not (header and equals and key and BARE_KEY.issuperset(key)) or key in settings:
+            return None
+        if value in ("true", "false"):
+            settings[key] = value == "true"
+        elif value.isascii() and value.isdigit() and (value == "0" or value[0] != "0"):
+            settings[key] = int(value)
+        elif _plain_string(value):
+            settings[key] = value[1:-1]
+        else:
+            return None
+    return settings
 
 
 def parse(path: str) -> dict[str, Any]:
@@ -79,10 +116,11 @@ def parse(path: str) -> dict[str, Any]:
             data = f.read()
     except OSError as e:
         raise InvalidRequest(f"{path}: {e}") from None
-    if sets_nothing(data):
-        return {}
+    settings = simple_settings(data)
+    if settings is not None:
+        return settings
     if sys.version_info >= (3, 11):
-        import tomllib  # noqa: PLC0415 - only for a file that sets something (see sets_nothing)
+        import tomllib  # noqa: PLC0415 - only for what simple_settings leaves to it
     else:  # RHEL 9 and Debian 11 have Python 3.9
         import tomli as tomllib  # noqa: PLC0415
 
