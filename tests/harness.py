@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -226,12 +227,27 @@ class UnitTree:
 
 
 POLICY = "[X-LiveUpdate]\n"
-LUOD_PROGRAM = "import sys; from luo_systemd.agent import main; sys.exit(main())"  # as units/luod.service
+PACKAGED_DIRS = "['/usr/lib/python3/dist-packages']"  # what units/luod.service puts on sys.path
 
 
 def python_path() -> str:
     """Where this test run's packages are, for child processes whose argv[0] hides the venv."""
     return ":".join([str(TOP / "src"), str(TOP), sysconfig.get_paths()["purelib"]])
+
+
+def with_package_dirs(unit: str) -> str:
+    """luod.service's text with this run's package directories for the packages' (luod runs with -I -S:
+    no PYTHONPATH, no venv).  The checkout's src/ last: the unit looks for the package there."""
+    assert PACKAGED_DIRS in unit, "units/luod.service no longer names the packages' directories"
+    return unit.replace(PACKAGED_DIRS, repr(python_path().split(":")[::-1]))
+
+
+def luod_command() -> list[str]:
+    """python3 and its arguments, as units/luod.service's ExecStart= runs them (argv[0] aside)."""
+    text = with_package_dirs((TOP / "units" / "luod.service").read_text())
+    line = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    _path, _argv0, *arguments = shlex.split(line.removeprefix("ExecStart="))
+    return [sys.executable, *arguments]
 
 
 class NotifySink:
@@ -334,7 +350,7 @@ class Agent:
         self.log = directory / "luod.log"
         self.fdstore: Optional[dict[str, int]] = None  # a dict: luod's fd store is kept and handed back
         self.env: dict[str, str] = {}  # extra environment for luod
-        self.program = LUOD_PROGRAM  # what ``python -c`` runs as luod
+        self.command = luod_command()  # what runs as luod, before --config
 
     def opt_in(self, unit: str, section: str = POLICY) -> None:
         d = self.policy_dir / f"{unit}.d"
@@ -347,10 +363,8 @@ class Agent:
         env.pop("INVOCATION_ID", None)
         if self.bus:
             env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus.address
-        # argv[0] '@luod', as the generator arranges it for systemd-shutdown's kill exemption.  Python
-        # cannot find its venv from such an argv[0]; the package installs into the system's site dir.
-        env["PYTHONPATH"] = python_path()
-        luod = ["bash", "-c", 'exec -a @luod "$@"', "bash", sys.executable, "-c", self.program]
+        # argv[0] '@luod', as luod.service sets it for systemd-shutdown's kill exemption.
+        luod = ["bash", "-c", 'exec -a @luod "$@"', "bash", *self.command]
         # RLIMIT_NOFILE as systemd gives a service without LimitNOFILE=: a soft limit of 1024.
         luod = ["prlimit", "--nofile=1024:", *luod]
         kept = sorted(self.fdstore.items()) if self.fdstore else []

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from luo_systemd.generator import hook_command
-from tests.harness import LUOD_PROGRAM, TOP, Agent, Emulator, UnitTree, python_path
+from tests.harness import TOP, Agent, Emulator, UnitTree, python_path
 
 NEVER = ("asyncio", "dbus_next", "ctypes", "hashlib", "ssl", "dataclasses", "subprocess", "sysconfig")
 NOT_FOR_THE_HOOK = ("typing", "json", "re", "socket", "enum", "array", "luo_systemd.policy")
@@ -98,9 +98,11 @@ def test_generator_imports_no_agent_machinery(tmp_path: Path) -> None:
     assert not {m.split(".")[0] for m in modules} & {*NEVER, *NOT_FOR_THE_GENERATOR}, sorted(modules)
 
 
-# luod as the harness runs it, writing the modules it has loaded when it sends READY=1 to $LUOD_MODULES.
+# Put before luod's program as the harness runs it (that of units/luod.service): writes the modules it has
+# loaded when it sends READY=1 to $LUOD_MODULES.
 READY_PROBE = f"""
 import os, sys
+sys.path += {python_path().split(":")!r}
 from luo_systemd import service_manager
 send = service_manager.send
 def probe(message):
@@ -109,14 +111,14 @@ def probe(message):
             f.write("\\n".join(sorted(sys.modules)))
     return send(message)
 service_manager.send = probe
-{LUOD_PROGRAM}
 """
 
 
 def test_luod_reaches_ready_without_its_serving_modules(tmp_path: Path, emulator: Emulator, tree: UnitTree) -> None:
     """An empty start, the restore after a live update and the recovery from the fd store."""
     agent = Agent(tmp_path, emulator, None, tree)
-    agent.program = READY_PROBE
+    *python, program = agent.command
+    agent.command = [*python, READY_PROBE + program]
     agent.fdstore = {}  # kept and handed back, as systemd's fd store
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Emulator, python_path
+from tests.harness import Emulator, python_path, with_package_dirs
 from tests.sdmanager import UserManager, available
 
 TOP = Path(__file__).resolve().parent.parent
@@ -32,6 +32,8 @@ def setup_dirs(tmp: Path) -> tuple[Path, Path]:
         # without PID 1, no /dev/kmsg or /proc/kallsyms to mask): those lines go; the nspawn tests run them all.
         mounts = ("Protect", "TemporaryFileSystem=", "PrivateMounts=", "ReadWritePaths=")
         text = "\n".join(line for line in text.splitlines() if not line.startswith(mounts))
+        if name == "luod.service":  # luod runs with -I -S: this run's package directories
+            text = with_package_dirs(text)
         (units / name).write_text(text + "\n")
     demo = (TOP / "demo" / "luo-demo-cache.service").read_text()
     demo = demo.replace(
