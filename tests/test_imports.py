@@ -24,7 +24,7 @@ NOT_FOR_THE_GENERATOR = ("typing", "json", "re", "socket", "collections", "enum"
 NOT_BEFORE_READY = (
     *("asyncio", "dbus_next", "subprocess", "hashlib", "logging", "dataclasses", "inspect", "typing", "json"),
     *("re", "socket", "selectors", "signal", "systemd", "luo_systemd.kexec", "luo_systemd.dbus_service"),
-    *("tomllib", "tomli"),
+    *("tomllib", "tomli", "enum", "collections", "contextlib", "functools", "array"),
 )
 
 # Runs a command as its script would, then prints the modules it loaded, one a line (stdout is free: the
@@ -120,7 +120,6 @@ def test_luod_reaches_ready_without_its_serving_modules(tmp_path: Path, emulator
     *python, program = agent.command
     agent.command = [*python, READY_PROBE + program]
     agent.fdstore = {}  # kept and handed back, as systemd's fd store
-
 
     def ready_modules(start: str) -> set[str]:
         path = tmp_path / f"modules-{start}"

@@ -10,8 +10,6 @@ See luod(8).
 from __future__ import annotations
 
 import _socket
-import contextlib
-import functools
 import itertools
 import os
 import resource
@@ -307,6 +305,7 @@ async def on_bus(
     here never ends luod: its exit would drop every session before the kexec."""
     import asyncio  # noqa: PLC0415 - after READY=1 (see main)
     import concurrent.futures  # noqa: PLC0415 - asyncio's own import
+    import functools  # noqa: PLC0415 - asyncio's own import
 
     from dbus_next.errors import AuthError, DBusError  # noqa: PLC0415
 
@@ -383,8 +382,10 @@ async def join_bus(broker: Broker, cgroup_root: str, watcher: KexecWatcher) -> A
 
 
 def import_dbus_service() -> None:
-    with contextlib.suppress(OSError):  # a lower priority only helps
+    try:
         os.setpriority(os.PRIO_PROCESS, 0, 19)  # Linux: the calling thread's nice value, not the process's
+    except OSError:
+        pass  # a lower priority only helps
     import luo_systemd.dbus_service  # noqa: F401, PLC0415
 
 
@@ -437,6 +438,7 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
     """Rewrites the metrics textfile at every change of luod's state, and every RECHECK_SEC for what luod is
     not told about (memory, a kernel loaded or unloaded).  It never opens /dev/liveupdate (Broker.summary)."""
     import asyncio  # noqa: PLC0415 - after READY=1 (see main)
+    import contextlib  # noqa: PLC0415 - asyncio's own import
 
     from luo_systemd import metrics  # noqa: PLC0415
     from luo_systemd.inhibitor import RECHECK_SEC, recheck  # noqa: PLC0415 - imports asyncio

@@ -9,7 +9,6 @@ a ``LuoError`` raised before anything changed.
 
 from __future__ import annotations
 
-import enum
 import fcntl
 import itertools
 import os
@@ -39,7 +38,7 @@ from luo_systemd.liveupdate import Backend, Device
 from luo_systemd.manifest import MAX_RECORDS_SIZE, CarriedFd, CarriedUnit, FdKind, Manifest
 from luo_systemd.ownedfd import OwnedFd
 from luo_systemd.policy import NoReturn, OnPreflightFailure, Policy, PreserveAt
-from luo_systemd.records import NamedTuple
+from luo_systemd.records import Choice, NamedTuple
 from luo_systemd.state import (
     HELD_KEY_PREFIX,
     LOG_MAX,
@@ -68,7 +67,7 @@ MANIFEST_TOKEN = 0
 MANIFEST_SLACK = 64  # records a manifest session holds beyond twice its units before it is written whole
 
 
-class Phase(str, enum.Enum):
+class Phase(Choice):  # not enum.Enum: luod imports this module before READY=1 (see luo_systemd.records)
     IDLE = "idle"
     ARMED = "armed"  # a live update was requested: units are preserved as they stop
     RESTORED = "restored"  # this boot followed a live update; some units have not finished yet

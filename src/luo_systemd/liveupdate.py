@@ -12,8 +12,6 @@ allows one open file description at a time and systemd >= 261 needs it too.
 from __future__ import annotations
 
 import _socket as socket  # the C half: socket imports enum and selectors (luod's start-up, before READY=1)
-import array
-import contextlib
 import ctypes
 import errno
 import fcntl
@@ -35,10 +33,10 @@ from luo_systemd.errors import (
     TokenInUse,
 )
 from luo_systemd.uapi import Ioctl
+from luo_systemd.varlink import fd_bytes, fds_of
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from typing import Optional, Protocol
 
 DEFAULT_EMULATOR_SOCKET = "/run/luo-emu/liveupdate.sock"
@@ -143,7 +141,7 @@ class EmuControl:
 
 
 def emu_send(sock: socket.socket, request: int, payload: bytes, fds: list[int]) -> None:
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_bytes(fds))] if fds else []
     sock.sendmsg([EMU_HEADER.pack(request, len(payload)) + payload], anc)
 
 
@@ -153,8 +151,7 @@ def recv_with_fds(sock: socket.socket, max_fds: int = 4) -> tuple[bytes, list[in
     fds: list[int] = []
     for level, kind, cdata in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(cdata) - len(cdata) % 4
-            fds.extend(array.array("i", cdata[:usable]))
+            fds += fds_of(cdata)
     return data, fds
 
 
@@ -193,8 +190,11 @@ class EmulatorTransport:
         return sock
 
     def control(self, request: int, payload: bytes = b"", fds: Optional[list[int]] = None) -> bytes:
-        with contextlib.closing(self.connect()) as sock:
+        sock = self.connect()
+        try:
             data, rfds = emu_call(sock, request, payload, fds or [])
+        finally:
+            sock.close()
         for fd in rfds:
             os.close(fd)
         return data
@@ -209,14 +209,14 @@ class EmulatorTransport:
         return sock.detach()
 
     def ioctl(self, fd: int, request: Ioctl, arg: bytearray, fd_arg: Optional[int]) -> None:
-        if request in uapi.DEVICE_IOCTLS:
-            # ``fd`` is the device connection itself.
-            with contextlib.closing(socket.socket(fileno=os.dup(fd))) as sock:
-                reply, rfds = emu_call(sock, request, bytes(arg), [])
-        else:
-            fds = [fd] if fd_arg is None else [fd, fd_arg]
-            with contextlib.closing(self.connect()) as sock:
-                reply, rfds = emu_call(sock, request, bytes(arg), fds)
+        if request in uapi.DEVICE_IOCTLS:  # over the device's connection, ``fd`` itself
+            sock, fds = socket.socket(fileno=os.dup(fd)), []
+        else:  # over a connection of its own, with the session (and the file) as SCM_RIGHTS
+            sock, fds = self.connect(), [fd] if fd_arg is None else [fd, fd_arg]
+        try:
+            reply, rfds = emu_call(sock, request, bytes(arg), fds)
+        finally:
+            sock.close()
         arg[: len(reply)] = reply
         if rfds:
             # The emulator's fd number means nothing here; put ours where the kernel would have.
@@ -226,11 +226,18 @@ class EmulatorTransport:
 
 
 class Device:
-    """An open /dev/liveupdate.  Only session creation and retrieval happen on the device."""
+    """An open /dev/liveupdate, closed at the end of a ``with`` block (``Backend.device``).  Only session
+    creation and retrieval happen on the device."""
 
     def __init__(self, backend: Backend, fd: int) -> None:
         self.backend = backend
         self.fd = fd
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self.fd)
 
     def create_session(self, name: bytes) -> int:
         """Creates an outgoing session; returns its fd (owned by the caller)."""
@@ -268,9 +275,9 @@ class Backend:
     def kind(self) -> str:
         return self.transport.kind
 
-    @contextlib.contextmanager
-    def device(self, busy_retries: int = 0, backoff_sec: float = 0.05) -> Iterator[Device]:
-        """Opens the device for the duration of the block.
+    def device(self, busy_retries: int = 0, backoff_sec: float = 0.05) -> Device:
+        """Opens the device for the duration of a ``with`` block (not contextlib.contextmanager: contextlib
+        imports collections and functools, which luod's start would load for this alone).
 
         Another opener (systemd >= 261 opens it briefly at boot, service start and shutdown) gives EBUSY;
         that is retried ``busy_retries`` times with a doubling delay, then raised as DeviceBusy.
@@ -283,10 +290,7 @@ class Backend:
                 if e.errno != errno.EBUSY or attempt == busy_retries:
                     raise kernel_error(None, e.errno or errno.EIO) from None
             time.sleep(backoff_sec * (1 << attempt))
-        try:
-            yield Device(self, fd)
-        finally:
-            os.close(fd)
+        return Device(self, fd)
 
     def call(self, fd: int, request: Ioctl, buf: bytearray, fd_arg: Optional[int], subject: str) -> None:
         """Issues one ioctl with a raw argument buffer; errors become typed ``KernelError``s."""

@@ -12,11 +12,9 @@ understand is refused, never guessed at.
 
 from __future__ import annotations
 
-import enum
-
 from luo_systemd.errors import BadManifest, InvalidName
 from luo_systemd.names import SESSION_NAME_MAX, check_client_session_name, check_fd_name, check_unit_name
-from luo_systemd.records import NamedTuple
+from luo_systemd.records import Choice, NamedTuple
 from luo_systemd.varlink import dumps, loads  # json's C half: json imports re
 
 TYPE_CHECKING = False
@@ -30,7 +28,7 @@ MAX_SIZE = 16 << 20  # one record
 MAX_RECORDS_SIZE = 4 * MAX_SIZE  # all the records of a session
 
 
-class FdKind(str, enum.Enum):
+class FdKind(Choice):  # not enum.Enum: luod restores before READY=1 (see luo_systemd.records)
     MEMFD = "memfd"  # preserved in the unit's session under ``token``
     SESSION = "session"  # a LUO session the unit stored; carried as a session of its own, by name
 

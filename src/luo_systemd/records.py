@@ -1,4 +1,5 @@
-"""``NamedTuple`` and ``Choice`` (a ``str`` enum) for the per-boot and per-unit commands, without their imports.
+"""``NamedTuple``, ``Choice`` (a ``str`` enum) and ``IntChoice`` (an ``int`` one) for the per-boot and per-unit
+commands and luod's start, without their imports.
 
 The generator runs at every boot and daemon-reload, and its records (a unit's files, its policy) are
 immutable NamedTuples rather than frozen dataclasses, whose import costs more than the generator's work.
@@ -10,12 +11,13 @@ Type checkers see typing.NamedTuple and a ``str`` Enum; at run time the same cla
   field, trailing defaults, ``_replace``, ``_asdict``, ``_fields``; methods allowed);
 - for a Choice, a ``str`` class whose ``str`` class attributes become its members, instances equal to
   their value with ``.name`` and ``.value``, found by ``Cls(value)`` (ValueError if none) and listed by
-  ``iter(Cls)``, as enum.StrEnum's.
+  ``iter(Cls)``, as enum.StrEnum's; an IntChoice the same with ``int``, as enum.IntEnum's (``str()`` is
+  the number).
 """
 
 from __future__ import annotations
 
-__all__ = ["Choice", "NamedTuple"]
+__all__ = ["Choice", "IntChoice", "NamedTuple"]
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
     from typing import NamedTuple
 
     class Choice(str, Enum):
+        pass
+
+    class IntChoice(int, Enum):
         pass
 
 else:
@@ -72,10 +77,11 @@ else:
     class _ChoiceMeta(type):
         def __new__(mcs, name, bases, namespace):
             cls = super().__new__(mcs, name, bases, namespace)
+            kind = int if issubclass(cls, int) else str
             cls._members = {}
             for key, value in namespace.items():
-                if not key.startswith("_") and isinstance(value, str):
-                    member = str.__new__(cls, value)
+                if not key.startswith("_") and isinstance(value, kind):
+                    member = kind.__new__(cls, value)
                     member.name, member.value = key, value
                     cls._members[value] = member
                     setattr(cls, key, member)
@@ -90,9 +96,17 @@ else:
         def __iter__(cls):
             return iter(cls._members.values())
 
-    class Choice(str, metaclass=_ChoiceMeta):
+    class _Member:
+        __slots__ = ()
+
         def __reduce_ex__(self, protocol):  # a copy or an unpickled member is the member itself
             return type(self), (self.value,)
 
         def __repr__(self):
             return f"<{type(self).__name__}.{self.name}: {self.value!r}>"
+
+    class Choice(_Member, str, metaclass=_ChoiceMeta):
+        pass
+
+    class IntChoice(_Member, int, metaclass=_ChoiceMeta):
+        __str__ = int.__repr__  # the number (int has no __str__ of its own: object's would show the repr)

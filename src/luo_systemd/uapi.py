@@ -9,7 +9,8 @@ extra bytes are zero, else E2BIG).
 from __future__ import annotations
 
 import ctypes
-import enum
+
+from luo_systemd.records import IntChoice
 
 LIVEUPDATE_DEV = "/dev/liveupdate"
 LIVEUPDATE_IOCTL_TYPE = 0xBA
@@ -20,7 +21,7 @@ def _IO(nr: int) -> int:
     return (LIVEUPDATE_IOCTL_TYPE << 8) | nr
 
 
-class Ioctl(enum.IntEnum):
+class Ioctl(IntChoice):  # not enum.IntEnum: luod uses it before READY=1 (see luo_systemd.records)
     CREATE_SESSION = _IO(0x00)
     RETRIEVE_SESSION = _IO(0x01)
     SESSION_PRESERVE_FD = _IO(0x40)

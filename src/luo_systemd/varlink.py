@@ -78,6 +78,11 @@ def fd_bytes(fds: Sequence[int]) -> bytes:
     return b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
 
 
+def fds_of(data: bytes) -> list[int]:
+    """The fds of SCM_RIGHTS data (a truncated int at the end is no fd)."""
+    return [int.from_bytes(data[i : i + 4], sys.byteorder, signed=True) for i in range(0, len(data) - 3, 4)]
+
+
 def encode(doc: dict[str, Any], fds: Sequence[int]) -> tuple[bytes, list[tuple[int, int, bytes]]]:
     data = dumps(doc).encode() + b"\0"
     return data, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_bytes(fds))] if fds else []
@@ -119,10 +124,7 @@ class Reader:
         data, anc, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
         for level, kind, cdata in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                whole = len(cdata) - len(cdata) % 4
-                self.fds += OwnedFds.wrap(
-                    [int.from_bytes(cdata[i : i + 4], sys.byteorder, signed=True) for i in range(0, whole, 4)]
-                )
+                self.fds += OwnedFds.wrap(fds_of(cdata))
         if flags & socket.MSG_CTRUNC or len(self.fds) > MAX_FDS:
             raise OSError(errno.EMSGSIZE, f"more than {MAX_FDS} fds in one message")
         if not data:

@@ -9,10 +9,8 @@ if luod could not restore it, discarded if it never came back.  Counters are nam
 
 from __future__ import annotations
 
-import enum
-
 from luo_systemd.errors import ExitCode
-from luo_systemd.records import NamedTuple
+from luo_systemd.records import Choice, NamedTuple
 from luo_systemd.runfiles import read_json, write_json
 
 TYPE_CHECKING = False
@@ -23,14 +21,14 @@ if TYPE_CHECKING:
     from luo_systemd.manifest import Manifest
 
 
-class Outcome(str, enum.Enum):
+class Outcome(Choice):  # not enum.Enum: luod writes the last update before READY=1
     RESTORED = "restored"  # the unit has its fds back and finished its restore
     PENDING = "pending"  # restored by luod, the unit has not finished (not started yet?)
     FAILED = "failed"  # luod could not restore it
     DISCARDED = "discarded"  # luod no longer holds it (OnNoReturn=discard, or discarded by hand)
 
 
-class Verdict(str, enum.Enum):
+class Verdict(Choice):
     OK = "ok"
     PENDING = "pending"
     FAILED = "failed"
