@@ -363,15 +363,16 @@ class Agent:
         env.pop("INVOCATION_ID", None)
         if self.bus:
             env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus.address
-        # argv[0] '@luod', as luod.service sets it for systemd-shutdown's kill exemption.
-        luod = ["bash", "-c", 'exec -a @luod "$@"', "bash", *self.command]
-        # RLIMIT_NOFILE as systemd gives a service without LimitNOFILE=: a soft limit of 1024.
-        luod = ["prlimit", "--nofile=1024:", *luod]
+        # One shell, where systemd execs luod at once (bench/run.py times this start): into luod.service's
+        # cgroup, RLIMIT_NOFILE as systemd gives a service without LimitNOFILE= (a soft limit of 1024),
+        # argv[0] '@luod' as luod.service sets it for systemd-shutdown's kill exemption.
+        script = 'echo $$ > "$1" && shift && ulimit -Sn 1024 && exec -a @luod "$@"'
+        luod = ["bash", "-c", script, "bash", str(self.tree.procs("luod.service")), *self.command]
         kept = sorted(self.fdstore.items()) if self.fdstore else []
         if kept:  # handed back as systemd does: fds 3.. with LISTEN_FDNAMES, LISTEN_PID of luod itself
             env["LISTEN_FDNAMES"] = ":".join(k for k, _ in kept)
             luod = [sys.executable, "-c", LISTEN_FDS_LAUNCHER, ",".join(str(fd) for _, fd in kept), *luod]
-        argv = self.tree.argv("luod.service", [*luod, "--config", str(self.config)])
+        argv = [*luod, "--config", str(self.config)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, pass_fds=[fd for _, fd in kept])
         if not wait:
