@@ -19,6 +19,7 @@ from luo_systemd.errors import BadManifest, InvalidName, InvalidRequest
 from luo_systemd.manifest import CarriedFd, CarriedUnit, FdKind, Manifest
 from luo_systemd.policy import FinishMode, NoReturn, OnPreflightFailure, Policy, PreserveAt, RestoreMode, parse_policy
 from luo_systemd.records import NamedTuple
+from luo_systemd.uapi import Ioctl
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -92,6 +93,17 @@ def test_choices_are_str_enums_without_enum() -> None:
     assert copy.deepcopy(PreserveAt.STORE) is PreserveAt.STORE is pickle.loads(pickle.dumps(PreserveAt.STORE))
     with pytest.raises(ValueError, match="'later' is not a valid PreserveAt"):
         PreserveAt("later")
+
+
+def test_int_choices_are_int_enums_without_enum() -> None:
+    """luod's ioctl numbers (uapi.Ioctl, an IntChoice), as enum.IntEnum would have them."""
+    create = Ioctl.CREATE_SESSION
+    assert Ioctl(0xBA00) is create and create == 0xBA00 and isinstance(create, int) and {create: 1}[0xBA00] == 1
+    assert create.name == "CREATE_SESSION" and create.value == 0xBA00 and list(Ioctl)[:2] == [create, Ioctl(0xBA01)]
+    assert str(create) == f"{create}" == "47616" and f"{create:#x}" == "0xba00" and repr(create).startswith("<Ioctl.")
+    assert copy.deepcopy(create) is create is pickle.loads(pickle.dumps(create))
+    with pytest.raises(ValueError, match="1 is not a valid Ioctl"):
+        Ioctl(1)
 
 
 def test_policy_defaults_and_overrides() -> None:
