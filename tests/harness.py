@@ -235,16 +235,16 @@ def python_path() -> str:
     return ":".join([str(TOP / "src"), str(TOP), sysconfig.get_paths()["purelib"]])
 
 
-def with_package_dirs(unit: str) -> str:
-    """luod.service's text with this run's package directories for the packages' (luod runs with -I -S:
-    no PYTHONPATH, no venv).  The checkout's src/ last: the unit looks for the package there."""
+def with_package_dirs(unit: str, dirs: Optional[list[str]] = None) -> str:
+    """luod.service's text with ``dirs`` (this run's package directories) for the packages' (luod runs with
+    -I -S: no PYTHONPATH, no venv).  The checkout's src/ last: the unit looks for the package there."""
     assert PACKAGED_DIRS in unit, "units/luod.service no longer names the packages' directories"
-    return unit.replace(PACKAGED_DIRS, repr(python_path().split(":")[::-1]))
+    return unit.replace(PACKAGED_DIRS, repr(python_path().split(":")[::-1] if dirs is None else dirs))
 
 
-def luod_command() -> list[str]:
+def luod_command(dirs: Optional[list[str]] = None) -> list[str]:
     """python3 and its arguments, as units/luod.service's ExecStart= runs them (argv[0] aside)."""
-    text = with_package_dirs((TOP / "units" / "luod.service").read_text())
+    text = with_package_dirs((TOP / "units" / "luod.service").read_text(), dirs)
     line = next(line for line in text.splitlines() if line.startswith("ExecStart="))
     _path, _argv0, *arguments = shlex.split(line.removeprefix("ExecStart="))
     return [sys.executable, *arguments]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from luo_systemd.generator import hook_command
-from tests.harness import TOP, Agent, Emulator, UnitTree, python_path
+from tests.harness import TOP, Agent, Emulator, UnitTree, luod_command, python_path
 
 NEVER = ("asyncio", "dbus_next", "ctypes", "hashlib", "ssl", "dataclasses", "subprocess", "sysconfig")
 NOT_FOR_THE_HOOK = ("typing", "json", "re", "socket", "enum", "array", "luo_systemd.policy")
@@ -165,3 +165,20 @@ def test_the_shipped_configuration_needs_no_toml_parser() -> None:
     env = dict(os.environ, PYTHONPATH=python_path())
     out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("found", [True, False])
+def test_luod_service_finds_the_package_without_site(found: bool) -> None:
+    """luod.service runs python3 -I -S and puts the packages' directory on sys.path itself; where the package
+    is not there (a pip install: here this run's, into the venv of sys.executable), its program falls back on
+    site, which finds it."""
+    *python, program = luod_command([str(TOP / "src")] if found else ["/nonexistent"])
+    start = "from luo_systemd.agent import main; sys.exit(main())"
+    assert python[1:3] == ["-I", "-S"] and program.endswith(start), program
+    show = "import luo_systemd.agent; print('site' in sys.modules); print(*sys.path, sep='\\n')"
+    out = subprocess.run([*python, program.replace(start, show)], capture_output=True, text=True, check=True)
+    with_site, *path = out.stdout.split("\n")[:-1]
+    if found:
+        assert with_site == "False" and path[-1] == str(TOP / "src"), out.stdout
+    else:  # site's directories after ours
+        assert with_site == "True" and path.index("/nonexistent") < len(path) - 1, out.stdout
