@@ -381,11 +381,17 @@ async def join_bus(broker: Broker, cgroup_root: str, watcher: KexecWatcher) -> A
     return bus
 
 
-def import_dbus_service() -> None:
+def lowest_priority() -> None:
+    """The calling thread at nice 19 (Linux: setpriority sets the calling thread's nice value, not the
+    process's).  Not contextlib.suppress: contextlib imports collections and functools."""
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, 19)  # Linux: the calling thread's nice value, not the process's
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
     except OSError:
         pass  # a lower priority only helps
+
+
+def import_dbus_service() -> None:
+    lowest_priority()
     import luo_systemd.dbus_service  # noqa: F401, PLC0415
 
 
@@ -402,8 +408,7 @@ def serve_while_loading(varlink: VarlinkService) -> list[Connection]:
         # come first.  A call served meanwhile may wait for this thread to give the GIL back, but less than
         # the units wait for the CPU otherwise (sid qemu tier, one vCPU, same load: blackout luod/native
         # 1.23 / 1.18 / 1.18 at nice 0, 1.13 / 1.08 / 1.11 at nice 19).
-        with contextlib.suppress(OSError):  # a lower priority only helps
-            os.setpriority(os.PRIO_PROCESS, 0, 19)  # Linux: the calling thread's nice value, not the process's
+        lowest_priority()
         try:
             import_event_loop()
         except BaseException as e:
