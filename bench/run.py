@@ -299,6 +299,9 @@ def scale_figures(directory: Path, fds: int) -> tuple[list[tuple[str, float, flo
         bed.store(units)
         holding = rss_kib(bed.agent.proc.pid)
         bed.emulator.load()  # outside the timing, as in raw_figures
+        # Arm waits for luod's event loop, which loads after its first answers: a live update is armed long
+        # after luod's start, not while it still loads asyncio (Status waits for it too).
+        bed.agent.call("Status")
         preserve = wall_ms(lambda: bed.preserve(units))
         bed.emulator.kexec()
         bed.agent.stop()
