@@ -406,7 +406,7 @@ def serve_while_loading(varlink: VarlinkService) -> list[Connection]:
     def load() -> None:
         # At the lowest priority, like the D-Bus import: on a busy boot the restored units starting meanwhile
         # come first.  A call served meanwhile may wait for this thread to give the GIL back, but less than
-        # the units wait for the CPU otherwise (sid qemu tier, one vCPU, same load: blackout luod/native
+        # the units wait for the CPU otherwise (sid qemu tier, one vCPU, under other work: blackout luod/native
         # 1.23 / 1.18 / 1.18 at nice 0, 1.13 / 1.08 / 1.11 at nice 19).
         lowest_priority()
         try:
