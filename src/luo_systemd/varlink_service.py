@@ -40,6 +40,8 @@ ACCEPT_BACKOFF_SEC = 0.1  # after an accept error (EMFILE, ENFILE, ENOBUFS): the
 NO_PIDFD = "the kernel gives no pidfd for this peer (SO_PEERPIDFD, Linux >= 6.5): only root is served"
 # While asyncio loads in a thread, the thread gives the GIL back to a call being served only every switch
 # interval (5 ms by default), and a call gives it up at each socket operation: serving early, switch often.
+# (A whole restore of 1,000 fds took as long at 50 us, 0.5 ms and 5 ms, within noise; this bounds the wait
+# of a single answer.)
 EARLY_SWITCH_INTERVAL_SEC = 0.0005
 
 IDL = """\
