@@ -24,7 +24,7 @@ NOT_FOR_THE_GENERATOR = ("typing", "json", "re", "socket", "collections", "enum"
 NOT_BEFORE_READY = (
     *("asyncio", "dbus_next", "subprocess", "hashlib", "logging", "dataclasses", "inspect", "typing", "json"),
     *("re", "socket", "selectors", "signal", "systemd", "luo_systemd.kexec", "luo_systemd.dbus_service"),
-    *("tomllib", "tomli", "enum", "collections", "contextlib", "functools", "array"),
+    *("tomllib", "tomli", "enum", "collections", "contextlib", "functools", "array", "ctypes"),
 )
 
 # Runs a command as its script would, then prints the modules it loaded, one a line (stdout is free: the

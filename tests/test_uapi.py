@@ -23,30 +23,56 @@ def test_ioctl_numbers() -> None:
     }
 
 
+class create_session(ctypes.Structure):  # linux/liveupdate.h's structs, as C lays them out
+    _fields_ = [("size", ctypes.c_uint32), ("fd", ctypes.c_int32), ("name", ctypes.c_uint8 * 64)]
+
+
+class preserve_fd(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("fd", ctypes.c_int32), ("token", ctypes.c_uint64)]
+
+
+class finish(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
+class get_name(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("name", ctypes.c_uint8 * 64)]
+
+
 @pytest.mark.parametrize(
-    ("struct", "size", "offsets"),
+    ("request_", "c_struct", "size"),
     [
-        (uapi.liveupdate_ioctl_create_session, 72, {"size": 0, "fd": 4, "name": 8}),
-        (uapi.liveupdate_ioctl_retrieve_session, 72, {"size": 0, "fd": 4, "name": 8}),
-        (uapi.liveupdate_session_preserve_fd, 16, {"size": 0, "fd": 4, "token": 8}),
-        (uapi.liveupdate_session_retrieve_fd, 16, {"size": 0, "fd": 4, "token": 8}),
-        (uapi.liveupdate_session_finish, 8, {"size": 0, "reserved": 4}),
-        (uapi.liveupdate_session_get_name, 72, {"size": 0, "reserved": 4, "name": 8}),
+        (Ioctl.CREATE_SESSION, create_session, 72),
+        (Ioctl.RETRIEVE_SESSION, create_session, 72),
+        (Ioctl.SESSION_PRESERVE_FD, preserve_fd, 16),
+        (Ioctl.SESSION_RETRIEVE_FD, preserve_fd, 16),
+        (Ioctl.SESSION_FINISH, finish, 8),
+        (Ioctl.SESSION_GET_NAME, get_name, 72),
     ],
 )
-def test_struct_layout(struct: type[ctypes.Structure], size: int, offsets: dict[str, int]) -> None:
-    assert ctypes.sizeof(struct) == size
-    assert {name: getattr(struct, name).offset for name in offsets} == offsets
+def test_argument_layout_is_the_c_structs(request_: Ioctl, c_struct: type[ctypes.Structure], size: int) -> None:
+    """uapi packs with ``struct``; every field lands where the C struct has it."""
+    layout = uapi.ARG[request_]
+    assert layout.size == ctypes.sizeof(c_struct) == size
+    assert layout.names == tuple(name for name, _ in c_struct._fields_)
+    values = {name: (b"n" * 63 if name == "name" else i + 1) for i, name in enumerate(layout.names)}
+    packed = layout.pack(**values)
+    c = c_struct.from_buffer_copy(packed)
+    for name, value in values.items():
+        assert (bytes(getattr(c, name))[:63] if name == "name" else getattr(c, name)) == value, name
+    assert layout.unpack(packed) == {**values, **({"name": b"n" * 63 + b"\0"} if "name" in values else {})}
 
 
-def test_new_arg_fills_size() -> None:
-    for request in Ioctl:
-        assert uapi.new_arg(request).size == ctypes.sizeof(uapi.ARG_STRUCT[request])
+def test_new_argument_fills_size_and_zeroes_the_rest() -> None:
+    for request, layout in uapi.ARG.items():
+        assert layout.unpack(layout.pack())["size"] == layout.size, request
+        assert not any(layout.pack()[4:])
 
 
 def test_name_field() -> None:
-    assert uapi.decode_name(uapi.encode_name(b"abc")) == b"abc"
-    assert bytes(uapi.encode_name(b"x" * 64)) == b"x" * 64  # no room for the NUL: the kernel says EINVAL
+    layout = uapi.ARG[Ioctl.CREATE_SESSION]
+    assert uapi.decode_name(layout.unpack(layout.pack(name=uapi.encode_name(b"abc")))["name"]) == b"abc"
+    assert layout.unpack(layout.pack(name=uapi.encode_name(b"x" * 64)))["name"] == b"x" * 64  # no NUL: EINVAL
     with pytest.raises(ValueError):
         uapi.encode_name(b"x" * 65)
 

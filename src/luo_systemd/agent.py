@@ -429,9 +429,10 @@ def serve_while_loading(varlink: VarlinkService) -> list[Connection]:
 
 def import_event_loop() -> None:
     """What ``serve`` and ``preflight`` import: asyncio (~6 bare interpreter starts here, with ssl, logging
-    and inspect) and the pre-flight's loader (kernel formats, decompressors)."""
+    and inspect), the pre-flight's loader (kernel formats, decompressors) and ctypes."""
     import asyncio  # noqa: F401, PLC0415
     import concurrent.futures  # noqa: F401, PLC0415
+    import ctypes  # noqa: F401, PLC0415 - a Store's memfd check (luo_systemd.syscalls)
     import signal  # noqa: F401, PLC0415
 
     import luo_systemd.kexec  # noqa: PLC0415

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -26,6 +25,7 @@ import selectors
 import signal
 import socket
 import stat
+import struct
 import sys
 from typing import Any, Optional
 
@@ -302,26 +302,26 @@ def reopen_as_new_file(fd: int) -> int:
     return new
 
 
-def parse_arg(request: Ioctl, payload: bytes) -> ctypes.Structure:
+def parse_arg(request: Ioctl, payload: bytes) -> dict[str, Any]:
     """The kernel's copy_struct_from_user(): the size field decides, extra bytes must be zero."""
-    cls = uapi.ARG_STRUCT[request]
+    layout = uapi.ARG[request]
     if len(payload) < 4:
         raise Fail(errno.EFAULT)
     size = int.from_bytes(payload[:4], "little")
-    if size < ctypes.sizeof(cls):
+    if size < layout.size:
         raise Fail(errno.EINVAL)
     if len(payload) < size:
         raise Fail(errno.EFAULT)
-    if any(payload[ctypes.sizeof(cls) : size]):
+    if any(payload[layout.size : size]):
         raise Fail(errno.E2BIG)
-    return cls.from_buffer_copy(payload[: ctypes.sizeof(cls)])
+    return layout.unpack(payload)
 
 
-def name_of(arg: ctypes.Structure) -> bytes:
-    raw = bytes(arg.name)
+def name_of(arg: dict[str, Any]) -> bytes:
+    raw = arg["name"]
     if b"\0" not in raw or raw[0] == 0:
         raise Fail(errno.EINVAL)
-    return uapi.decode_name(arg.name)
+    return uapi.decode_name(raw)
 
 
 class EmulatorServer:
@@ -403,7 +403,7 @@ class EmulatorServer:
         try:
             conn.sendmsg(
                 [reply],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(ctypes.c_int(reply_fd)))] if reply_fd is not None else [],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", reply_fd))] if reply_fd is not None else [],
             )
         except OSError:
             pass  # the client went away; its request took effect, as an ioctl would have
@@ -413,7 +413,7 @@ class EmulatorServer:
 
     def _dispatch(
         self, conn: socket.socket, request: int, payload: bytes, fds: list[int]
-    ) -> tuple[bytes, Optional[int]]:
+    ) -> tuple[bytes | bytearray, Optional[int]]:
         luo = self.luo
         if request == EmuControl.OPEN_DEVICE:
             if not luo.enabled:
@@ -454,29 +454,29 @@ class EmulatorServer:
             name = name_of(arg)
             session, fd = luo.create_session(name) if op == Ioctl.CREATE_SESSION else luo.retrieve_session(name)
             self._watch(session)
-            arg.fd = fd
-            return bytes(arg), fd
+            arg["fd"] = fd
+            return uapi.ARG[op].pack(**arg), fd
         if not fds:
             raise Fail(errno.EBADF)
         session = luo.session_for(fds[0])
         if op == Ioctl.SESSION_PRESERVE_FD:
             if len(fds) < 2:
                 raise Fail(errno.EBADF)
-            luo.preserve_fd(session, fds[1], arg.token)
-            return bytes(arg), None
+            luo.preserve_fd(session, fds[1], arg["token"])
+            return uapi.ARG[op].pack(**arg), None
         if op == Ioctl.SESSION_RETRIEVE_FD:
             # A dup, closed once sent, like every fd a reply carries: the session keeps its own reference.
-            return bytes(arg), os.dup(luo.retrieve_fd(session, arg.token))
+            return uapi.ARG[op].pack(**arg), os.dup(luo.retrieve_fd(session, arg["token"]))
         if op == Ioctl.SESSION_FINISH:
-            if arg.reserved:
+            if arg["reserved"]:
                 raise Fail(errno.EINVAL)
             luo.finish(session)
-            return bytes(arg), None
+            return uapi.ARG[op].pack(**arg), None
         # SESSION_GET_NAME
-        if arg.reserved:
+        if arg["reserved"]:
             raise Fail(errno.EINVAL)
-        arg.name = uapi.encode_name(session.name)
-        return bytes(arg), None
+        arg["name"] = uapi.encode_name(session.name)
+        return uapi.ARG[op].pack(**arg), None
 
 
 # -- command line

@@ -12,7 +12,6 @@ allows one open file description at a time and systemd >= 261 needs it too.
 from __future__ import annotations
 
 import _socket as socket  # the C half: socket imports enum and selectors (luod's start-up, before READY=1)
-import ctypes
 import errno
 import fcntl
 import os
@@ -248,12 +247,10 @@ class Device:
         return self._session_call(Ioctl.RETRIEVE_SESSION, name)
 
     def _session_call(self, request: Ioctl, name: bytes) -> int:
-        arg = uapi.new_arg(request)
         try:
-            arg.name = uapi.encode_name(name)
+            buf = uapi.ARG[request].pack(name=uapi.encode_name(name))
         except ValueError:
             raise kernel_error(request, errno.EINVAL, _quote(name)) from None
-        buf = bytearray(arg)
         self.backend.call(self.fd, request, buf, None, _quote(name))
         return int(ARG_FD.unpack_from(buf, 4)[0])
 
@@ -300,26 +297,23 @@ class Backend:
             raise kernel_error(request, e.errno or errno.EIO, subject) from None
 
     def preserve_fd(self, session: int, fd: int, token: int) -> None:
-        arg = uapi.liveupdate_session_preserve_fd(size=ctypes.sizeof(uapi.liveupdate_session_preserve_fd))
-        arg.fd = fd
-        arg.token = _check_token(token, Ioctl.SESSION_PRESERVE_FD)
-        self.call(session, Ioctl.SESSION_PRESERVE_FD, bytearray(arg), fd, f"(token {token})")
+        buf = uapi.ARG[Ioctl.SESSION_PRESERVE_FD].pack(fd=fd, token=_check_token(token, Ioctl.SESSION_PRESERVE_FD))
+        self.call(session, Ioctl.SESSION_PRESERVE_FD, buf, fd, f"(token {token})")
 
     def retrieve_fd(self, session: int, token: int) -> int:
-        arg = uapi.liveupdate_session_retrieve_fd(size=ctypes.sizeof(uapi.liveupdate_session_retrieve_fd))
-        arg.token = _check_token(token, Ioctl.SESSION_RETRIEVE_FD)
-        buf = bytearray(arg)
+        buf = uapi.ARG[Ioctl.SESSION_RETRIEVE_FD].pack(token=_check_token(token, Ioctl.SESSION_RETRIEVE_FD))
         self.call(session, Ioctl.SESSION_RETRIEVE_FD, buf, None, f"(token {token})")
         return int(ARG_FD.unpack_from(buf, 4)[0])
 
     def finish(self, session: int) -> None:
-        self.call(session, Ioctl.SESSION_FINISH, bytearray(uapi.new_arg(Ioctl.SESSION_FINISH)), None, "")
+        self.call(session, Ioctl.SESSION_FINISH, uapi.ARG[Ioctl.SESSION_FINISH].pack(), None, "")
 
     def session_name(self, session: int) -> bytes:
         """The name of a session fd; raises KernelError if ``session`` is no LUO session."""
-        buf = bytearray(uapi.new_arg(Ioctl.SESSION_GET_NAME))
+        layout = uapi.ARG[Ioctl.SESSION_GET_NAME]
+        buf = layout.pack()
         self.call(session, Ioctl.SESSION_GET_NAME, buf, None, "")
-        return uapi.decode_name(uapi.liveupdate_session_get_name.from_buffer(buf).name)
+        return uapi.decode_name(layout.unpack(buf)["name"])
 
     def is_session(self, fd: int) -> bool:
         try:

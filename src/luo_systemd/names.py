@@ -9,7 +9,7 @@ from luo_systemd.errors import InvalidName
 
 FDNAME_MAX = 255
 UNIT_NAME_MAX = 255
-SESSION_NAME_MAX = 63  # uapi.LIVEUPDATE_SESSION_NAME_LENGTH less the NUL (not imported: uapi loads ctypes)
+SESSION_NAME_MAX = 63  # uapi.LIVEUPDATE_SESSION_NAME_LENGTH less the NUL (not imported: the hook needs no ioctls)
 
 MANIFEST_SESSION = "luod"  # the agent's own session; its token 0 is the manifest
 SESSION_PREFIX = "luod/"

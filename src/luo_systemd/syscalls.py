@@ -2,31 +2,47 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 
-TMPFS_MAGIC = 0x01021994
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ctypes
+    from types import ModuleType
 
-_libc = ctypes.CDLL(None, use_errno=True)
+TMPFS_MAGIC = 0x01021994
 
 # syscall numbers of the calls glibc 2.36 does not wrap (x86_64, arm64 and the generic table)
 _SYSCALLS = {
-    "x86_64": {"pidfd_open": 434, "pidfd_getfd": 438, "kexec_file_load": 320},
-    "aarch64": {"pidfd_open": 434, "pidfd_getfd": 438, "kexec_file_load": 294},
+    "x86_64": {"kexec_file_load": 320},
+    "aarch64": {"kexec_file_load": 294},
 }
 
 KEXEC_FILE_UNLOAD = 0x1
 KEXEC_FILE_NO_INITRAMFS = 0x4
 
 
+_loaded: list[ModuleType | ctypes.CDLL] = []
+
+
+def _ctypes_libc() -> tuple[ModuleType, ctypes.CDLL]:
+    """ctypes and libc, loaded by the first call that needs them: luod's start-up up to READY=1 makes
+    none, and ctypes was an eighth of its cost (luo_systemd.uapi.ArgLayout)."""
+    if not _loaded:
+        import ctypes  # noqa: PLC0415
+
+        _loaded.extend((ctypes, ctypes.CDLL(None, use_errno=True)))
+    return _loaded[0], _loaded[1]  # type: ignore[return-value]
+
+
 def _syscall(name: str, *args: int | bytes | None) -> int:
     number = _SYSCALLS.get(os.uname().machine, {}).get(name)
     if number is None:
         raise OSError(errno.ENOSYS, f"{name} is not known on {os.uname().machine}")
-    _libc.syscall.restype = ctypes.c_long
-    ret = int(_libc.syscall(ctypes.c_long(number), *args))
+    ctypes, libc = _ctypes_libc()
+    libc.syscall.restype = ctypes.c_long
+    ret = int(libc.syscall(ctypes.c_long(number), *args))
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -35,11 +51,12 @@ def _syscall(name: str, *args: int | bytes | None) -> int:
 
 def fs_magic(fd: int) -> int:
     """The f_type of fstatfs(2): which file system the file lives on."""
+    ctypes, libc = _ctypes_libc()
     buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit targets
-    if _libc.fstatfs(fd, buf) != 0:
+    if libc.fstatfs(fd, buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
 
 
 def is_memfd_like(fd: int) -> bool:
@@ -57,15 +74,6 @@ def fd_target(fd: int, pid: int | str = "self") -> str:
         return os.readlink(f"/proc/{pid}/fd/{fd}")
     except OSError:
         return "?"
-
-
-def pidfd_open(pid: int) -> int:
-    return _syscall("pidfd_open", pid, 0)
-
-
-def pidfd_getfd(pidfd: int, target_fd: int) -> int:
-    """Duplicates fd ``target_fd`` of the process behind ``pidfd`` (needs ptrace access: root)."""
-    return _syscall("pidfd_getfd", pidfd, target_fd, 0)
 
 
 def kexec_file_load(kernel_fd: int, initrd_fd: int | None, cmdline: str, flags: int = 0) -> None:

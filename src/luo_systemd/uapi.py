@@ -8,9 +8,13 @@ extra bytes are zero, else E2BIG).
 
 from __future__ import annotations
 
-import ctypes
+import struct
 
 from luo_systemd.records import IntChoice
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 LIVEUPDATE_DEV = "/dev/liveupdate"
 LIVEUPDATE_IOCTL_TYPE = 0xBA
@@ -30,62 +34,36 @@ class Ioctl(IntChoice):  # not enum.IntEnum: luod uses it before READY=1 (see lu
     SESSION_GET_NAME = _IO(0x43)
 
 
-class liveupdate_ioctl_create_session(ctypes.Structure):
-    _fields_ = [
-        ("size", ctypes.c_uint32),
-        ("fd", ctypes.c_int32),
-        ("name", ctypes.c_uint8 * LIVEUPDATE_SESSION_NAME_LENGTH),
-    ]
+class ArgLayout:
+    """One ioctl's argument struct: its fields in order, as ``struct`` codes at the C header's offsets
+    (native byte order; every field is naturally aligned, so there is no padding).  struct, not ctypes:
+    luod restores before READY=1, and ctypes was an eighth of what its start-up ran (callgrind, exec to
+    READY=1: 51.5 M instructions with it, 45.3 M without; the bare interpreter 20.9 M)."""
+
+    def __init__(self, *fields: tuple[str, str]) -> None:
+        self.names = tuple(name for name, _ in fields)
+        self.struct = struct.Struct("=" + "".join(code for _, code in fields))
+        self.size = self.struct.size
+        self._zero = tuple(b"" if code.endswith("s") else 0 for _, code in fields)
+
+    def pack(self, **values: int | bytes) -> bytearray:
+        """The argument with ``size`` filled in and every field not given zero."""
+        values.setdefault("size", self.size)
+        return bytearray(self.struct.pack(*(values.get(n, z) for n, z in zip(self.names, self._zero))))
+
+    def unpack(self, buf: bytes | bytearray) -> dict[str, Any]:
+        return dict(zip(self.names, self.struct.unpack_from(buf)))
 
 
-class liveupdate_ioctl_retrieve_session(ctypes.Structure):
-    _fields_ = [
-        ("size", ctypes.c_uint32),
-        ("fd", ctypes.c_int32),
-        ("name", ctypes.c_uint8 * LIVEUPDATE_SESSION_NAME_LENGTH),
-    ]
+_NAME = ("name", f"{LIVEUPDATE_SESSION_NAME_LENGTH}s")
 
-
-class liveupdate_session_preserve_fd(ctypes.Structure):
-    _fields_ = [
-        ("size", ctypes.c_uint32),
-        ("fd", ctypes.c_int32),
-        ("token", ctypes.c_uint64),
-    ]
-
-
-class liveupdate_session_retrieve_fd(ctypes.Structure):
-    _fields_ = [
-        ("size", ctypes.c_uint32),
-        ("fd", ctypes.c_int32),
-        ("token", ctypes.c_uint64),
-    ]
-
-
-class liveupdate_session_finish(ctypes.Structure):
-    _fields_ = [
-        ("size", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
-    ]
-
-
-class liveupdate_session_get_name(ctypes.Structure):
-    _fields_ = [
-        ("size", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
-        ("name", ctypes.c_uint8 * LIVEUPDATE_SESSION_NAME_LENGTH),
-    ]
-
-
-ArgStruct = type[ctypes.Structure]
-
-ARG_STRUCT: dict[Ioctl, ArgStruct] = {
-    Ioctl.CREATE_SESSION: liveupdate_ioctl_create_session,
-    Ioctl.RETRIEVE_SESSION: liveupdate_ioctl_retrieve_session,
-    Ioctl.SESSION_PRESERVE_FD: liveupdate_session_preserve_fd,
-    Ioctl.SESSION_RETRIEVE_FD: liveupdate_session_retrieve_fd,
-    Ioctl.SESSION_FINISH: liveupdate_session_finish,
-    Ioctl.SESSION_GET_NAME: liveupdate_session_get_name,
+ARG: dict[Ioctl, ArgLayout] = {  # struct liveupdate_ioctl_create_session and so on
+    Ioctl.CREATE_SESSION: ArgLayout(("size", "I"), ("fd", "i"), _NAME),
+    Ioctl.RETRIEVE_SESSION: ArgLayout(("size", "I"), ("fd", "i"), _NAME),
+    Ioctl.SESSION_PRESERVE_FD: ArgLayout(("size", "I"), ("fd", "i"), ("token", "Q")),
+    Ioctl.SESSION_RETRIEVE_FD: ArgLayout(("size", "I"), ("fd", "i"), ("token", "Q")),
+    Ioctl.SESSION_FINISH: ArgLayout(("size", "I"), ("reserved", "I")),
+    Ioctl.SESSION_GET_NAME: ArgLayout(("size", "I"), ("reserved", "I"), _NAME),
 }
 
 DEVICE_IOCTLS = frozenset({Ioctl.CREATE_SESSION, Ioctl.RETRIEVE_SESSION})
@@ -94,21 +72,13 @@ DEVICE_IOCTLS = frozenset({Ioctl.CREATE_SESSION, Ioctl.RETRIEVE_SESSION})
 SESSION_LINK_PREFIX = "anon_inode:[luo_session]"
 
 
-def encode_name(name: bytes) -> ctypes.Array[ctypes.c_uint8]:
-    """Packs a session name into the fixed 64-byte field; the kernel wants a NUL within it."""
+def encode_name(name: bytes) -> bytes:
+    """A session name for the fixed 64-byte field (``struct`` pads it with NULs); the kernel wants a NUL
+    within it."""
     if len(name) > LIVEUPDATE_SESSION_NAME_LENGTH:
         raise ValueError(f"session name longer than {LIVEUPDATE_SESSION_NAME_LENGTH} bytes")
-    field = (ctypes.c_uint8 * LIVEUPDATE_SESSION_NAME_LENGTH)()
-    ctypes.memmove(field, name, len(name))
-    return field
+    return name
 
 
-def decode_name(field: ctypes.Array[ctypes.c_uint8]) -> bytes:
-    return bytes(field).split(b"\0", 1)[0]
-
-
-def new_arg(request: Ioctl) -> ctypes.Structure:
-    """A zeroed argument struct for ``request`` with ``size`` filled in."""
-    arg = ARG_STRUCT[request]()
-    arg.size = ctypes.sizeof(arg)
-    return arg
+def decode_name(field: bytes) -> bytes:
+    return field.split(b"\0", 1)[0]

@@ -7,7 +7,6 @@ A difference between the two is a bug in the emulator.  Rules that cross a kexec
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import mmap
@@ -253,13 +252,8 @@ def test_finish_and_get_name_reserved_field(backend: Backend) -> None:
     """Rule: FINISH and GET_NAME with reserved != 0 are EINVAL."""
     session = new_session(backend, b"rules-reserved")
     for request in (Ioctl.SESSION_GET_NAME, Ioctl.SESSION_FINISH):
-        arg = uapi.new_arg(request)
-        arg.reserved = 1  # type: ignore[attr-defined]
-        expect(
-            errno.EINVAL,
-            errors.InvalidArgument,
-            lambda r=request, a=arg: backend.call(session, r, bytearray(a), None, ""),
-        )
+        arg = uapi.ARG[request].pack(reserved=1)
+        expect(errno.EINVAL, errors.InvalidArgument, lambda r=request, a=arg: backend.call(session, r, a, None, ""))
     os.close(session)
 
 
@@ -267,8 +261,8 @@ def test_argument_size_rules(backend: Backend) -> None:
     """Rule: ``size`` smaller than the struct is EINVAL; larger is accepted if the extra bytes are zero,
     else E2BIG."""
     session = new_session(backend, b"rules-size")
-    base = bytes(uapi.new_arg(Ioctl.SESSION_GET_NAME))
-    full = ctypes.sizeof(uapi.liveupdate_session_get_name)
+    base = bytes(uapi.ARG[Ioctl.SESSION_GET_NAME].pack())
+    full = uapi.ARG[Ioctl.SESSION_GET_NAME].size
 
     def with_size(size: int, tail: bytes) -> bytearray:
         buf = bytearray(size.to_bytes(4, "little") + base[4:] + tail)
