@@ -100,6 +100,15 @@ class Run:
         self.agent.env = {}
         self.agent.start()  # READY=1 again: luod always starts
 
+    def contents(self, unit: str) -> dict[str, bytes]:
+        """``contents``, through luod's death at its crash point: after a kexec it may die restoring the
+        memfds, after READY=1 (Broker.begin_restore)."""
+        try:
+            return contents(self.agent, unit)
+        except errors.AgentUnavailable:
+            self.restart_after_crash()
+            return contents(self.agent, unit)
+
     def step(self, action: Step) -> None:
         try:
             action(self.agent, self.emulator)
@@ -133,7 +142,7 @@ class Run:
         if self.lossy:
             return  # luod started again: that is all this window allows (docs/crash-consistency.md)
         for unit, names in held.items():
-            assert contents(self.agent, unit) == names, (unit, self.agent.log.read_text())
+            assert self.contents(unit) == names, (unit, self.agent.log.read_text())
         for unit in held:
             self.step(call("Finish", {"unit": unit}))
         for unit, names in held.items():  # finished: carried forward as stored fds

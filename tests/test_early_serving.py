@@ -17,9 +17,11 @@ from typing import Any, Optional
 
 import pytest
 
-from luo_systemd import varlink
+from luo_systemd import journal, varlink
+from luo_systemd.api import Caller
 from luo_systemd.broker import Broker, BrokerConfig
-from luo_systemd.policy import Policy
+from luo_systemd.ownedfd import OwnedFd
+from luo_systemd.policy import Policy, parse_policy
 from luo_systemd.state import NoFdStore
 from luo_systemd.varlink_service import Connection, VarlinkService
 from tests.contract.scenarios import digest, memfd
@@ -27,14 +29,16 @@ from tests.harness import Emulator
 
 UNIT = "demo.service"
 METHOD = varlink.INTERFACE + "."
+ROOT = Caller(uid=0, pid=os.getpid(), unit=None)
 
 
 class Early:
     """A Varlink service in its early phase on a thread; ``take_over`` ends it and serves on an event loop."""
 
-    def __init__(self, directory: Path, emulator: Emulator) -> None:
-        policies = {UNIT: Policy()}
+    def __init__(self, directory: Path, emulator: Emulator, policies: Optional[dict[str, Policy]] = None) -> None:
+        policies = policies or {UNIT: Policy()}
         self.broker = Broker(emulator.backend, policies.get, NoFdStore(), BrokerConfig(env_dir=str(directory / "env")))
+        self.manifest = self.broker.begin_restore()  # as luod's start-up, before READY=1
         self.socket = str(directory / "luod.sock")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.socket)
@@ -43,7 +47,12 @@ class Early:
         self.loaded, self.wake = os.pipe()
         self.adopted: list[Connection] = []
         self.thread = threading.Thread(target=self._early)
+        self.loop = asyncio.new_event_loop()
+        self.serving: Optional[asyncio.Task[None]] = None
+
+    def start(self) -> Early:
         self.thread.start()
+        return self
         self.loop = asyncio.new_event_loop()
         self.serving: Optional[asyncio.Task[None]] = None
 
@@ -86,7 +95,7 @@ class Early:
 
 @pytest.fixture
 def early(tmp_path: Path, emulator: Emulator) -> Iterator[Early]:
-    service = Early(tmp_path, emulator)
+    service = Early(tmp_path, emulator).start()
     try:
         yield service
     finally:
@@ -193,3 +202,56 @@ def test_a_stored_memfd_keeps_its_bytes_through_the_early_phase(early: Early) ->
     early.take_over()
     assert digest(early.broker.units[UNIT].stored["cache"].held.fd) == digest(fd)
     os.close(fd)
+
+
+def test_after_a_kexec_the_memfds_follow_ready_those_asked_for_first(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """READY=1 waits for the manifest, the sessions and the environment files only (Broker.begin_restore);
+    the memfds follow in the early phase, a unit a turn, first those of a unit that asks.  A call that
+    changes state waits for the end of the restore (nothing is logged before it), then runs early."""
+    policy = parse_policy(["[X-LiveUpdate]\nPreserveAt=store\n"])  # preserved at Store: no Arm needed
+    policies = {f"u{i:02}.service": policy for i in range(60)}
+    before = Broker(emulator.backend, policies.get, NoFdStore(), BrokerConfig(env_dir=str(tmp_path / "env0")))
+    data = {(unit, i): os.urandom(256) for unit in policies for i in range(10)}
+    for unit in policies:
+        before.store(ROOT, unit, [(f"f{i}", OwnedFd(memfd(f"f{i}", data[unit, i]))) for i in range(10)])
+    emulator.live_update()
+    restored: list[str] = []  # units, in the order of their "Restored ..." events
+    event = journal.event
+
+    def record(message_id: str, message: str, **fields: Any) -> None:
+        if message_id == journal.RESTORED:
+            restored.append(message.rpartition(" ")[2])
+        event(message_id, message, **fields)
+
+    monkeypatch.setattr(journal, "event", record)
+    early = Early(tmp_path, emulator, policies)
+    try:
+        assert early.broker.restoring and not restored, "no memfd before READY=1"
+        assert sorted(p.name for p in (tmp_path / "env").iterdir()) == sorted(policies), "every unit's env file"
+        last, finish, status = connect(early.socket), connect(early.socket), connect(early.socket)
+        send(last, "Retrieve", {"unit": "u59.service"})  # queued before the early phase, as a unit at boot
+        send(finish, "Finish", {"unit": "u00.service"})
+        send(status, "Status", {})  # waits for the event loop, beyond the restore
+        early.start()
+        got, fds = replies(last, 1)[0]
+        assert got["parameters"]["names"] == [f"f{i}" for i in range(10)]
+        assert [os.pread(fd, 256, 0) for fd in fds] == [data["u59.service", i] for i in range(10)]
+        varlink.close_all(fds)
+        assert "u59.service" in restored[:3], restored  # the early phase accepts, restores one, then serves
+        assert replies(finish, 1)[0][0] == {"parameters": {"finished": True}}
+        assert not early.broker.restoring and len(restored) == 60, "Finish waited for the end of the restore"
+        assert early.early, "and ran before the event loop"
+        assert nothing_to_read(status)
+        with varlink.Client(early.socket, timeout=10) as client:
+            for unit in sorted(policies)[1:]:  # u00 finished: its memfds are stored again
+                _, got_fds = client.call("Retrieve", {"unit": unit})
+                assert [os.pread(fd, 256, 0) for fd in got_fds] == [data[unit, i] for i in range(10)], unit
+                varlink.close_all(got_fds)
+        assert [method for method, _ in early.take_over() if method] == [METHOD + "Status"]
+        assert len(replies(status, 1)[0][0]["parameters"]["units"]) == 60
+        for sock in (last, finish, status):
+            sock.close()
+    finally:
+        early.close()

@@ -183,8 +183,9 @@ def raise_fd_limit() -> None:
 
 
 def start(cfg: config.Config) -> tuple[Broker, int]:
-    """Everything up to READY=1, without the event loop: the recovery or the restore, and the Varlink
-    socket listening, as an fd (callers queue in its backlog until ``serve`` answers them)."""
+    """Everything up to READY=1, without the event loop: the recovery, or the restore up to the memfds
+    (Broker.begin_restore), and the Varlink socket listening, as an fd (callers queue in its backlog until
+    ``serve_while_loading`` answers them)."""
     raise_fd_limit()
     fds = service_manager.listen_fds()
     store: FdStore = SystemdFdStore() if os.environ.get("NOTIFY_SOCKET") else NoFdStore()
@@ -200,14 +201,14 @@ def start(cfg: config.Config) -> tuple[Broker, int]:
     kept = {key: fdl[0] for key, fdl in fds.items() if key.startswith("luod-")}
     if not broker.recover(kept):  # no fd store handed back: a fresh start, perhaps after a live update
         try:
-            manifest = broker.restore()
+            manifest = broker.begin_restore()  # the memfds follow after READY=1 (serve_while_loading)
         except LuoError as e:
             log.warning("Nothing restored: %s", e)
             manifest = None
         if manifest is not None:
             from luo_systemd.verify import last_update_of, write_last_update  # noqa: PLC0415 - after live updates only
 
-            log.info("Live update %d: restored %d unit(s)", manifest.update_count, len(manifest.units))
+            log.info("Live update %d: restoring %d unit(s)", manifest.update_count, len(manifest.units))
             write_last_update(cfg.last_update_file, last_update_of(manifest))
     return broker, activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
 
@@ -396,8 +397,8 @@ def import_dbus_service() -> None:
 
 
 def serve_while_loading(varlink: VarlinkService) -> list[Connection]:
-    """Answers Varlink calls while a thread imports what the event loop needs (``import_event_loop``); the
-    connections still open are returned for ``serve``."""
+    """Answers Varlink calls and ends the restore (``VarlinkService.serve_early``) while a thread imports what
+    the event loop needs (``import_event_loop``); the connections still open are returned for ``serve``."""
     import _thread  # noqa: PLC0415 - threading's C half: nothing else to load on the way to the first answer
 
     loaded, wake = os.pipe2(os.O_CLOEXEC)

@@ -140,6 +140,8 @@ class Broker:
         self._stored_total = 0  # their sum, for max_fds_total
         self.last_try = True  # set by when_free: a busy device is reported rather than raised
         self._retrieved: dict[str, int] = {}  # incoming sessions a crashed predecessor retrieved, by name
+        self._incoming: Optional[Held] = None  # the manifest's session while the restore is under way
+        self._pending: dict[str, CarriedUnit] = {}  # units whose memfds it has not restored yet
         self._kernel = os.uname().release  # in every manifest record: asked once, it does not change
 
     # -- bookkeeping
@@ -297,6 +299,7 @@ class Broker:
 
     def list_fds(self, caller: Caller, unit: str) -> list[FdInfo]:
         unit = authz.authorize(caller, unit)
+        self._restored_first(unit)
         state = self.units.get(unit)
         if state is None:
             return []
@@ -308,6 +311,7 @@ class Broker:
         """The fds restored for a unit after a live update (all if ``fd_names`` is empty), as new dups;
         at most ``limit`` (what one reply of the interface carries)."""
         unit = authz.authorize(caller, unit)
+        self._restored_first(unit)
         state = self.units.get(unit)
         restored = state.restored if state else {}
         if len(set(fd_names)) != len(fd_names):
@@ -687,11 +691,22 @@ class Broker:
         return os.path.join(self.config.env_dir, unit)  # no suffix: a 255-character unit name fits NAME_MAX
 
     def restore(self) -> Optional[Manifest]:
-        """At start-up: takes over what the previous kernel's agent carried.  None on a cold boot.
+        """``begin_restore`` and every ``restore_step`` at once."""
+        manifest = self.begin_restore()
+        while self.restoring:
+            self.restore_step()
+        return manifest
 
-        Sessions a predecessor retrieved before it crashed come from the fd store (``recover``): the
-        kernel gives a session only once.  The manifest's session is finished last, after the log
-        holds everything restored (invariant 3)."""
+    def begin_restore(self) -> Optional[Manifest]:
+        """At start-up: takes over what the previous kernel's agent carried, up to the memfds: the manifest,
+        every unit's LUO sessions and its environment file, with the device open once.  None on a cold boot.
+
+        The memfds follow after READY=1, a unit at a time (``restore_step``), first for a unit whose fds are
+        asked for (``_restored_first``): an opted-in unit waits for READY=1, a live-updated one only for its
+        own fds.  Until the restore ends nothing is logged and only calls that read run, so a crash in
+        between restores again; the manifest's session is finished last, after the log holds everything
+        restored (invariant 3).  Sessions a predecessor retrieved before it crashed come from the fd store
+        (``recover``): the kernel gives a session only once."""
         with self.backend.device(self.config.busy_retries) as dev:
             try:
                 luod = self._retrieve_session(dev, names.MANIFEST_SESSION)
@@ -709,30 +724,45 @@ class Broker:
                 self.manifest_session = self._hold(OwnedFd(luod))
                 self._changed()
                 return None
-            incoming = self._hold(OwnedFd(luod))
+            self._incoming = self._hold(OwnedFd(luod))
             self.update_count = manifest.update_count
             for carried in manifest.units:
                 try:
-                    self._restore_unit(dev, carried)
+                    self._take_sessions(dev, carried)
                 except (KernelError, OSError) as e:
-                    self.problems.append(Problem(carried.unit, f"could not be restored: {e}"))
-                    journal.event(
-                        journal.LOST,
-                        f"Failed to restore {carried.unit}: {e}",
-                        unit=carried.unit,
-                        level=journal.ERROR,
-                    )
-            self.manifest_session = incoming
-            self._changed()
-            self.backend.finish(incoming.fd)
-            crash_point("finished the incoming manifest")
-            self.manifest_session = None
-            self._release(incoming)
+                    self._lost(carried.unit, e)
+                else:
+                    self._pending[carried.unit] = carried
         for leftover in self._retrieved.values():
             os.close(leftover)
         self._retrieved.clear()
-        self._changed()
         return manifest
+
+    @property
+    def restoring(self) -> bool:
+        """Between ``begin_restore`` and the end of the restore."""
+        return self._incoming is not None
+
+    def restore_step(self) -> None:
+        """The memfds of the next unit; once every unit has them, the end of the restore."""
+        if self._pending:
+            self._restore_memfds(self._pending.pop(next(iter(self._pending))))
+            return
+        incoming, self._incoming = self._incoming, None
+        assert incoming is not None
+        self.manifest_session = incoming
+        self._changed()
+        self.backend.finish(incoming.fd)
+        crash_point("finished the incoming manifest")
+        self.manifest_session = None
+        self._release(incoming)
+        self._changed()
+
+    def _restored_first(self, unit: str) -> None:
+        """A unit asks for its fds while the restore is under way: its memfds come before the others'."""
+        carried = self._pending.pop(unit, None)
+        if carried is not None:
+            self._restore_memfds(carried)
 
     def _retrieve_session(self, dev: Device, name: str) -> int:
         got = self._retrieved.pop(name, None)
@@ -741,27 +771,40 @@ class Broker:
             crash_point("retrieved " + name)
         return got
 
-    def _restore_unit(self, dev: Device, carried: CarriedUnit) -> None:
+    def _take_sessions(self, dev: Device, carried: CarriedUnit) -> None:
         state = self._unit(carried.unit)
         self._dirty.add(state.unit)
         state.finished, state.restored_at = False, self.clock()
         if carried.session:
             state.in_session = self._hold(OwnedFd(self._retrieve_session(dev, carried.session)))
         for fd in carried.fds:
-            if fd.kind is FdKind.MEMFD:
-                assert state.in_session is not None
-                got = self.backend.retrieve_fd(state.in_session.fd, fd.token)
-            else:
+            if fd.kind is not FdKind.MEMFD:
                 got = self._retrieve_session(dev, fd.session)
-            state.restored[fd.name] = Entry(fd.name, fd.kind, fd.order, self._hold(OwnedFd(got)), fd.session)
+                state.restored[fd.name] = Entry(fd.name, fd.kind, fd.order, self._hold(OwnedFd(got)), fd.session)
         for name, session in carried.client_sessions:
             state.restored_client_sessions[name] = self._hold(OwnedFd(self._retrieve_session(dev, session)))
-        write_env_file(self.env_file(carried.unit), self.update_count)
+        write_env_file(self.env_file(carried.unit), self.update_count)  # before READY=1: the unit may start
+
+    def _restore_memfds(self, carried: CarriedUnit) -> None:
+        state = self.units[carried.unit]
+        try:
+            for fd in carried.fds:
+                if fd.kind is FdKind.MEMFD:
+                    assert state.in_session is not None
+                    got = self.backend.retrieve_fd(state.in_session.fd, fd.token)
+                    state.restored[fd.name] = Entry(fd.name, fd.kind, fd.order, self._hold(OwnedFd(got)))
+        except (KernelError, OSError) as e:
+            self._lost(carried.unit, e)
+            return
         journal.event(
             journal.RESTORED,
             f"Restored {len(carried.fds)} fd(s) and {len(carried.client_sessions)} session(s) of {carried.unit}",
             unit=carried.unit,
         )
+
+    def _lost(self, unit: str, e: Exception) -> None:
+        self.problems.append(Problem(unit, f"could not be restored: {e}"))
+        journal.event(journal.LOST, f"Failed to restore {unit}: {e}", unit=unit, level=journal.ERROR)
 
     def expire_orphans(self) -> list[str]:
         """Units that did not come back within ReturnTimeoutSec= are handled by their OnNoReturn=."""

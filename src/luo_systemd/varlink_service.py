@@ -7,8 +7,8 @@ the JSON's depth; replies of any size are delivered as the peer reads them.
 
 Two ways to serve, one after the other: ``serve_early`` answers the calls of restored units right after
 READY=1 while asyncio loads in a thread (asyncio alone takes longer to import than the whole restore of a
-unit, and every restored unit waits for its answer), and ``serve`` takes over its connections on the event
-loop.  Nothing here imports asyncio before ``serve``.
+unit, and every restored unit waits for its answer) and the broker restores the memfds, and ``serve``
+takes over its connections on the event loop.  Nothing here imports asyncio before ``serve``.
 """
 
 from __future__ import annotations
@@ -199,23 +199,32 @@ class VarlinkService:
         self.per_uid: dict[int, int] = {}
 
     def serve_early(self, until: int) -> list[Connection]:
-        """Answers calls until ``until`` (an fd) is readable, without an event loop; returns the connections
-        still open, for ``serve``.  A call that must wait -- Preserve (it may arm the agent first), the ones
-        that run the pre-flight (its checks load with the event loop), one that finds the device busy -- and
-        every later call on its connection are left to ``serve``, as is the rest of a reply the peer does not
-        take at once."""
-        listener = self.listener
+        """Answers calls, and restores the memfds the broker has yet to (``Broker.restore_step``, one unit per
+        turn), until ``until`` (an fd) is readable and the restore has ended, without an event loop; returns
+        the connections still open, for ``serve``.  While the restore is under way only the calls that read
+        a unit's fds run (its memfds first); the others wait for its end.  A call that must wait longer --
+        Preserve (it may arm the agent first), the ones that run the pre-flight (its checks load with the
+        event loop), one that finds the device busy -- and every later call on its connection are left to
+        ``serve``, as is the rest of a reply the peer does not take at once."""
+        broker, listener = self.broker, self.listener
         poller = select.poll()
         poller.register(listener.fileno(), select.POLLIN)
         poller.register(until, select.POLLIN)
         conns: dict[int, Connection] = {}
+        held: list[Connection] = []  # waiting, unregistered: resumed when the restore ends
+        loaded = False
         interval = sys.getswitchinterval()
         sys.setswitchinterval(EARLY_SWITCH_INTERVAL_SEC)
         try:
             while True:
-                for fd, _ in poller.poll():
+                if loaded and not broker.restoring:
+                    return list(conns.values())
+                restoring = broker.restoring
+                for fd, _ in poller.poll(0 if restoring else None):
                     if fd == until:
-                        return list(conns.values())
+                        loaded = True
+                        poller.unregister(until)
+                        continue
                     if fd == listener.fileno():
                         try:
                             conn = self._accept()
@@ -226,20 +235,54 @@ class VarlinkService:
                             conns[conn.sock.fileno()] = conn
                             poller.register(conn.sock, select.POLLIN)
                         continue
-                    conn = conns[fd]
-                    try:
-                        done = not self._serve_now(conn)
-                    except OSError as e:
-                        log.debug("Varlink connection ended: %s", e)
-                        done = True
-                    if done:
-                        del conns[fd]
-                        poller.unregister(fd)
-                        self._release(conn)
-                    elif conn.waiting is not None or conn.unsent is not None:
-                        poller.unregister(fd)
+                    self._turn(conns[fd], conns, poller, held, self._serve_now)
+                if restoring:
+                    self._restore_step()
+                    if not broker.restoring:
+                        for conn in held:
+                            poller.register(conn.sock, select.POLLIN)
+                            self._turn(conn, conns, poller, [], self._resume)
+                        held.clear()
         finally:
             sys.setswitchinterval(interval)
+
+    def _turn(
+        self,
+        conn: Connection,
+        conns: dict[int, Connection],
+        poller: select.poll,
+        held: list[Connection],
+        serve: Callable[[Connection], bool],
+    ) -> None:
+        """Serves ``conn`` as far as it can; a connection that ended is released, one that waits leaves the
+        poller (for ``held`` while the restore is under way, else for ``serve``)."""
+        fd = conn.sock.fileno()
+        try:
+            done = not serve(conn)
+        except OSError as e:
+            log.debug("Varlink connection ended: %s", e)
+            done = True
+        if done:
+            del conns[fd]
+            poller.unregister(fd)
+            self._release(conn)
+        elif conn.waiting is not None or conn.unsent is not None:
+            poller.unregister(fd)
+            if conn.waiting is not None and self.broker.restoring:
+                held.append(conn)
+
+    def _restore_step(self) -> None:
+        try:
+            self.broker.restore_step()
+        except (errors.LuoError, OSError) as e:
+            log.error("The restore failed: %s", e)
+
+    def _resume(self, conn: Connection) -> bool:
+        """Runs the call ``conn`` waited with, then serves it on (``_serve_now``); a call for the event loop
+        waits on."""
+        assert conn.waiting is not None
+        msg, conn.waiting = conn.waiting, None
+        return not self._answer(conn, msg) or self._serve_now(conn)
 
     def _serve_now(self, conn: Connection) -> bool:
         """Answers what ``conn`` sent, as far as it can without waiting; False once the peer has gone."""
@@ -252,25 +295,32 @@ class VarlinkService:
                 except BlockingIOError:
                     return True
                 continue
-            doc, fds = msg
-            reply = self._call_now(doc, fds, conn)
-            if reply is None:
-                conn.waiting = msg
+            if not self._answer(conn, msg):
                 return True
-            if not doc.get("oneway"):
-                conn.send(*varlink.encode(reply[0], reply[1]), reply[1])
-            else:
-                varlink.close_all(reply[1])
+        return True
+
+    def _answer(self, conn: Connection, msg: tuple[dict[str, Any], OwnedFds]) -> bool:
+        """Answers one call; False if it must wait (it is kept in ``conn.waiting``)."""
+        doc, fds = msg
+        reply = self._call_now(doc, fds, conn)
+        if reply is None:
+            conn.waiting = msg
+            return False
+        if not doc.get("oneway"):
+            conn.send(*varlink.encode(reply[0], reply[1]), reply[1])
+        else:
+            varlink.close_all(reply[1])
         return True
 
     def _call_now(self, doc: dict[str, Any], fds: OwnedFds, conn: Connection) -> Optional[Reply]:
-        """Runs a call at once, or None if it must wait for the event loop (nothing was done then)."""
+        """Runs a call at once, or None if it must wait for the end of the restore or for the event loop
+        (nothing was done then)."""
         prepared = self._prepare(doc, fds, conn)
         if isinstance(prepared, dict):
             fds.close()
             return prepared, []
         handler, caller, params = prepared
-        if handler in WAIT_FOR_EVENT_LOOP:
+        if handler in WAIT_FOR_EVENT_LOOP or (self.broker.restoring and handler not in DURING_RESTORE):
             return None
         self.broker.last_try = False  # a busy device raises: the event loop tries again later
         try:
@@ -523,5 +573,7 @@ class VarlinkService:
     }
 
 
-# Calls that ``serve_early`` leaves to the event loop: see its docstring.
+# Calls that ``serve_early`` leaves to the event loop, and the only ones it runs during the restore: see its
+# docstring.
 WAIT_FOR_EVENT_LOOP = (VarlinkService.preserve, VarlinkService.status, VarlinkService.preflight, VarlinkService.arm)
+DURING_RESTORE = (VarlinkService.list_fds, VarlinkService.retrieve, VarlinkService.retrieve_session)
