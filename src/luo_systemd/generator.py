@@ -89,7 +89,7 @@ def unit_dropin(unit: UnitFiles, files: Sequence[UnitLines], policy: Policy, hoo
                 else "# No kernel handed anything over to this boot: nothing to wait for."
             ),
             "# The agent outlives the unit's stop anyway (the kexec transaction never stops it); its socket",
-            "# queues the calls (until the agent's restore is done).",
+            "# queues the calls until the agent serves them (it answers once the unit's fds are back).",
             f"After={AGENT_SOCKET}",
         ]
     lines = [
