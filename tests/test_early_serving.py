@@ -57,7 +57,7 @@ class Early:
         self.serving: Optional[asyncio.Task[None]] = None
 
     def _early(self) -> None:
-        self.adopted = self.service.serve_early(self.loaded)
+        self.adopted = self.service.serve_early(self.loaded, lambda: None)
 
     @property
     def early(self) -> bool:

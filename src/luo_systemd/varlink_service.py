@@ -198,11 +198,12 @@ class VarlinkService:
         self.open = 0
         self.per_uid: dict[int, int] = {}
 
-    def serve_early(self, until: int) -> list[Connection]:
+    def serve_early(self, until: int, restored: Callable[[], object]) -> list[Connection]:
         """Answers calls, and restores the memfds the broker has yet to (``Broker.restore_step``, one unit per
         turn), until ``until`` (an fd) is readable and the restore has ended, without an event loop; returns
-        the connections still open, for ``serve``.  While the restore is under way only the calls that read
-        a unit's fds run (its memfds first); the others wait for its end.  A call that must wait longer --
+        the connections still open, for ``serve``.  ``restored`` is called once the restore has ended (at
+        once without one).  While the restore is under way only the calls that read a unit's fds run (its
+        memfds first); the others wait for its end.  A call that must wait longer --
         Preserve (it may arm the agent first), the ones that run the pre-flight (its checks load with the
         event loop), one that finds the device busy -- and every later call on its connection are left to
         ``serve``, as is the rest of a reply the peer does not take at once."""
@@ -215,6 +216,8 @@ class VarlinkService:
         loaded = False
         interval = sys.getswitchinterval()
         sys.setswitchinterval(EARLY_SWITCH_INTERVAL_SEC)
+        if not broker.restoring:
+            restored()
         try:
             while True:
                 if loaded and not broker.restoring:
@@ -239,6 +242,7 @@ class VarlinkService:
                 if restoring:
                     self._restore_step()
                     if not broker.restoring:
+                        restored()
                         for conn in held:
                             poller.register(conn.sock, select.POLLIN)
                             self._turn(conn, conns, poller, [], self._resume)
