@@ -757,6 +757,7 @@ class Broker:
         self.manifest_session = None
         self._release(incoming)
         self._changed()
+        log.info("Live update %d: every carried fd is back", self.update_count)
 
     def _restored_first(self, unit: str) -> None:
         """A unit asks for its fds while the restore is under way: its memfds come before the others'."""
