@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from luo_systemd import varlink
+from luo_systemd.broker import Broker
 from luo_systemd.liveupdate import EmuControl, EmulatorTransport, emulator_backend
+from luo_systemd.manifest import Manifest
 
 READY_TIMEOUT = 10.0
 
@@ -228,6 +230,14 @@ class UnitTree:
 
 POLICY = "[X-LiveUpdate]\n"
 PACKAGED_DIRS = "['/usr/lib/python3/dist-packages']"  # what units/luod.service puts on sys.path
+
+
+def restore(broker: Broker) -> Optional[Manifest]:
+    """A broker's whole restore at once, as luod's start-up and its early phase make it together."""
+    manifest = broker.begin_restore()
+    while broker.restoring:
+        broker.restore_step()
+    return manifest
 
 
 def python_path() -> str:

@@ -15,7 +15,7 @@ from luo_systemd.ownedfd import OwnedFd
 from luo_systemd.policy import Policy, parse_policy
 from luo_systemd.state import NoFdStore
 from tests.contract.scenarios import digest, memfd
-from tests.harness import Emulator
+from tests.harness import Emulator, restore
 
 ROOT = Caller(uid=0, pid=os.getpid(), unit=None)
 
@@ -47,7 +47,7 @@ def test_a_unit_that_does_not_come_back(emulator: Emulator, tmp_path: Path, on_n
     emulator.live_update()
 
     after = broker_on(emulator, policies, clock, tmp_path)
-    assert after.restore() is not None
+    assert restore(after) is not None
     assert (tmp_path / "vm.service").read_text() == "LIVEUPDATE_RESTORED=1\nLIVEUPDATE_COUNT=1\n"
     assert after.next_expiry() == 60
     clock.now += 59

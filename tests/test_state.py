@@ -20,7 +20,7 @@ from luo_systemd.ownedfd import OwnedFd
 from luo_systemd.policy import Policy, parse_policy
 from luo_systemd.state import RECORD_HEADER, STATE_KEY_PREFIX, decode, read_all, replay
 from tests.contract.scenarios import memfd
-from tests.harness import Emulator
+from tests.harness import Emulator, restore
 
 ROOT = Caller(uid=0, pid=os.getpid(), unit=None)
 POLICY = parse_policy(["[X-LiveUpdate]\nFileDescriptorMax=64\n"])
@@ -214,7 +214,7 @@ def test_the_manifest_is_records_and_restores_whole(emulator: Emulator, fdstore:
     b.discard(ROOT, "c.service")  # a record naming it gone
     emulator.live_update()
     after = broker(emulator, DictFdStore(), tmp_path / "after", AT_STORE)
-    manifest = after.restore()
+    manifest = restore(after)
     assert manifest is not None and sorted(u.unit for u in manifest.units) == ["a.service", "b.service"]
     got = dict(after.retrieve(ROOT, "a.service", [], 10))
     assert os.pread(got["mem"], 8, 0) == b"a199"
@@ -243,7 +243,7 @@ def test_a_failed_manifest_record_leaves_no_manifest_until_written_whole(
     monkeypatch.undo()
     b.remove(ROOT, "a.service", ["mem"])  # a change of a.service alone
     emulator.live_update()
-    manifest = broker(emulator, DictFdStore(), tmp_path / "after", AT_STORE).restore()
+    manifest = restore(broker(emulator, DictFdStore(), tmp_path / "after", AT_STORE))
     assert manifest is not None and [u.unit for u in manifest.units] == ["b.service"]
 
 
@@ -289,7 +289,7 @@ def test_the_limit_in_all_is_counted_through_every_change(
         again.preserve(ROOT, unit)
     emulator.kexec()
     after = limited(DictFdStore(), tmp_path / "after")
-    assert after.restore() is not None
+    assert restore(after) is not None
     store_one(after, "x.service", "n0")  # restored fds are stored again only when their unit finishes
     after.remove(ROOT, "x.service", ["n0"])
     for unit in ("a.service", "b.service", "e.service"):

@@ -690,13 +690,6 @@ class Broker:
     def env_file(self, unit: str) -> str:
         return os.path.join(self.config.env_dir, unit)  # no suffix: a 255-character unit name fits NAME_MAX
 
-    def restore(self) -> Optional[Manifest]:
-        """``begin_restore`` and every ``restore_step`` at once."""
-        manifest = self.begin_restore()
-        while self.restoring:
-            self.restore_step()
-        return manifest
-
     def begin_restore(self) -> Optional[Manifest]:
         """At start-up: takes over what the previous kernel's agent carried, up to the memfds: the manifest,
         every unit's LUO sessions and its environment file, with the device open once.  None on a cold boot.

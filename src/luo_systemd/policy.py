@@ -38,7 +38,7 @@ class RestoreMode(Choice):
     AUTO = "auto"  # luo-hook start (ExecStartPre=) puts the restored fds into the unit's fd store
     EXPLICIT = "explicit"  # the service calls Retrieve itself: no process runs before it
     # As explicit, and the unit does not wait for luod's READY=1 after a live update: it starts with luod's
-    # socket (its exec and interpreter overlap luod's restore) and asks Retrieve what was restored, since
+    # socket (its exec and interpreter overlap luod's start) and asks Retrieve what was restored, since
     # LIVEUPDATE_RESTORED may not be in its environment yet (luo-qemu).
     EARLY = "early"
 

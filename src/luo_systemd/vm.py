@@ -287,7 +287,7 @@ def start(unit: str) -> str:
     t_start = time.time()
     name = instance_of(unit)
     # Restore=early: the unit starts with luod's socket, not after luod's READY=1, so luod itself says what
-    # it restored for this unit (it answers once its restore is done): nothing, or the three memfds.  Should
+    # it restored for this unit (it answers once this unit's memfds are back): nothing, or the three.  Should
     # one be missing, this fails: a fresh boot would replace the guest's RAM in luod for good (Restart=
     # tries again).
     with varlink.Client(luod_socket(), timeout=30) as luod:
