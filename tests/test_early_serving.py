@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import pytest
 
-from luo_systemd import journal, varlink
+from luo_systemd import journal, varlink, varlink_service
 from luo_systemd.api import Caller
 from luo_systemd.broker import Broker, BrokerConfig
 from luo_systemd.ownedfd import OwnedFd
@@ -28,12 +28,16 @@ from tests.contract.scenarios import digest, memfd
 from tests.harness import Emulator
 
 UNIT = "demo.service"
+LOADER_STEPS = 3
 METHOD = varlink.INTERFACE + "."
 ROOT = Caller(uid=0, pid=os.getpid(), unit=None)
 
 
 class Early:
-    """A Varlink service in its early phase on a thread; ``take_over`` ends it and serves on an event loop."""
+    """A Varlink service in its early phase on a thread; ``take_over`` ends it and serves on an event loop.
+    Once the restore has ended a loader thread takes ``LOADER_STEPS`` steps, as luod's import of the event
+    loop does (luo_systemd.agent.serve_while_loading): each waits for ``answering``, and ``steps`` has
+    their times."""
 
     def __init__(self, directory: Path, emulator: Emulator, policies: Optional[dict[str, Policy]] = None) -> None:
         policies = policies or {UNIT: Policy()}
@@ -49,15 +53,22 @@ class Early:
         self.thread = threading.Thread(target=self._early)
         self.loop = asyncio.new_event_loop()
         self.serving: Optional[asyncio.Task[None]] = None
+        self.answering = threading.Lock()
+        self.loader = threading.Thread(target=self._load)
+        self.steps: list[float] = []
 
     def start(self) -> Early:
         self.thread.start()
         return self
-        self.loop = asyncio.new_event_loop()
-        self.serving: Optional[asyncio.Task[None]] = None
 
     def _early(self) -> None:
-        self.adopted = self.service.serve_early(self.loaded, lambda: None)
+        self.adopted = self.service.serve_early(self.loaded, self.loader.start, self.answering)
+
+    def _load(self) -> None:
+        for _ in range(LOADER_STEPS):
+            with self.answering:
+                pass
+            self.steps.append(time.monotonic())
 
     @property
     def early(self) -> bool:
@@ -89,6 +100,8 @@ class Early:
         self.thread.join(10)
         self.loop.close()
         self.listener.close()
+        if self.loader.ident is not None:
+            self.loader.join(10)
         for fd in (self.loaded, self.wake):
             os.close(fd)
 
@@ -193,6 +206,38 @@ def test_a_reply_the_peer_does_not_take_is_delivered_in_order_after_the_take_ove
     assert all(doc["parameters"]["fds"][0]["name"] == "x" * 200 for doc, _ in got)
     assert nothing_to_read(sock), "one reply per call, no more"
     sock.close()
+
+
+@pytest.mark.parametrize(("hold_max", "stream", "stepped_during"), [(5.0, 0.6, False), (0.3, 1.5, True)])
+def test_the_loading_waits_while_calls_come_but_not_for_ever(
+    tmp_path: Path,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+    hold_max: float,
+    stream: float,
+    stepped_during: bool,
+) -> None:
+    """While calls come one after another the loader takes no step (it would take the GIL and a CPU from
+    them); it goes on once none has come for EARLY_QUIET_MS, or once EARLY_HOLD_MAX_SEC have passed since
+    the restore ended: a caller that never stops does not keep the event loop from loading."""
+    monkeypatch.setattr(varlink_service, "EARLY_QUIET_MS", 200)  # no gap between two calls here is that long
+    monkeypatch.setattr(varlink_service, "EARLY_HOLD_MAX_SEC", hold_max)
+    early = Early(tmp_path, emulator)
+    try:
+        begun = time.monotonic()
+        early.start()  # nothing to restore: the loader starts at once
+        with varlink.Client(early.socket, timeout=10) as client:
+            while time.monotonic() - begun < stream:
+                client.call("List", {"unit": UNIT})
+        ended = time.monotonic()
+        early.loader.join(10)
+        assert len(early.steps) == LOADER_STEPS, "the loader went on"
+        if stepped_during:
+            assert begun + hold_max * 0.8 <= early.steps[0] < ended, (early.steps[0] - begun, ended - begun)
+        else:
+            assert early.steps[0] >= ended + 0.15, "not before the calls had stopped for EARLY_QUIET_MS"
+    finally:
+        early.close()
 
 
 def test_a_stored_memfd_keeps_its_bytes_through_the_early_phase(early: Early) -> None:

@@ -151,6 +151,8 @@ def test_luod_reaches_ready_without_its_serving_modules(tmp_path: Path, emulator
         agent.fdstore = {}
         assert "luo_systemd.verify" in ready_modules("restore"), "the restore wrote the last update"
         assert agent.call("Status")[0]["phase"] == "restored"
+        assert agent.proc is not None  # and its event loop has loaded (Status waits for it), without OpenSSL:
+        assert "libssl" not in Path(f"/proc/{agent.proc.pid}/maps").read_text(), "asyncio without ssl"
     finally:
         agent.cleanup()
 

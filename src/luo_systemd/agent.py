@@ -398,30 +398,34 @@ def import_dbus_service() -> None:
 
 def serve_while_loading(varlink: VarlinkService) -> list[Connection]:
     """Answers Varlink calls and ends the restore (``VarlinkService.serve_early``), and once the restore has
-    ended imports what the event loop needs (``import_event_loop``) in a thread while it answers on; the
-    connections still open are returned for ``serve``.  The thread would take the GIL at each of the
-    restore's system calls and hold it for up to the switch interval: a unit's Retrieve, its 10 memfds'
-    retrieval included, took 12-15 ms with the thread running, 3-7 ms without (bench/run.py, 100 fds)."""
+    ended imports what the event loop needs (``import_event_loop``) in a thread, between the calls; the
+    connections still open are returned for ``serve``.  Running beside the calls, the thread took the GIL back
+    at each of their system calls and the CPU from the callers: 10 restored units' Retrieve and Finish took
+    80 ms instead of 32 (bench/run.py's 100 fds, 2 CPUs)."""
     import _thread  # noqa: PLC0415 - threading's C half: nothing else to load on the way to the first answer
 
     loaded, wake = os.pipe2(os.O_CLOEXEC)
     failed: list[BaseException] = []
+    answering = _thread.allocate_lock()
+
+    def between_calls() -> None:
+        with answering:
+            pass
 
     def load() -> None:
         # At the lowest priority, like the D-Bus import: on a busy boot the restored units starting meanwhile
-        # come first.  A call served meanwhile may wait for this thread to give the GIL back, but less than
-        # the units wait for the CPU otherwise (sid qemu tier, one vCPU, under other work: blackout luod/native
-        # 1.23 / 1.18 / 1.18 at nice 0, 1.13 / 1.08 / 1.11 at nice 19).
+        # come first (sid qemu tier, one vCPU, under other work: blackout luod/native 1.23 / 1.18 / 1.18 at
+        # nice 0, 1.13 / 1.08 / 1.11 at nice 19).
         lowest_priority()
         try:
-            import_event_loop()
+            import_event_loop(between_calls)
         except BaseException as e:
             failed.append(e)
         finally:
             os.write(wake, b"\0")
 
     try:
-        adopted = varlink.serve_early(loaded, lambda: _thread.start_new_thread(load, ()))
+        adopted = varlink.serve_early(loaded, lambda: _thread.start_new_thread(load, ()), answering)
     finally:
         os.close(loaded)
     os.close(wake)
@@ -430,17 +434,39 @@ def serve_while_loading(varlink: VarlinkService) -> list[Connection]:
     return adopted
 
 
-def import_event_loop() -> None:
-    """What ``serve`` and ``preflight`` import: asyncio (~6 bare interpreter starts here, with ssl, logging
-    and inspect), the pre-flight's loader (kernel formats, decompressors) and ctypes."""
-    import asyncio  # noqa: F401, PLC0415
-    import concurrent.futures  # noqa: F401, PLC0415
-    import ctypes  # noqa: F401, PLC0415 - a Store's memfd check (luo_systemd.syscalls)
-    import signal  # noqa: F401, PLC0415
+# What ``serve`` and ``preflight`` need: asyncio (~5 bare interpreter starts here, with logging and inspect),
+# the pre-flight's loader (kernel formats, decompressors) and ctypes (a Store's memfd check,
+# luo_systemd.syscalls).  Imported one at a time, each after what it imports first, so that a call waits for
+# at most one of them.
+EVENT_LOOP_MODULES = (
+    "collections",
+    "enum",
+    "re",
+    "traceback",
+    "threading",
+    "logging",
+    "concurrent.futures",
+    "socket",
+    "subprocess",
+    "inspect",
+    "typing",
+    "asyncio",
+    "ctypes",
+    "signal",
+    "luo_systemd.kernel_format",
+    "luo_systemd.kexec",
+    "luo_systemd.kexec_preflight",
+    "luo_systemd.kexec_watch",
+)
 
-    import luo_systemd.kexec  # noqa: PLC0415
-    import luo_systemd.kexec_preflight  # noqa: PLC0415
-    import luo_systemd.kexec_watch  # noqa: F401, PLC0415
+
+def import_event_loop(between: Callable[[], object]) -> None:
+    """``EVENT_LOOP_MODULES``, calling ``between`` before each.  asyncio without ssl: luod speaks over unix
+    sockets only, and ssl (OpenSSL) is a quarter of asyncio's import time and 4 MiB of luod's memory."""
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type] # None: an import raises ImportError
+    for name in EVENT_LOOP_MODULES:
+        between()
+        __import__(name)
 
 
 async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, changed: asyncio.Event) -> None:

@@ -6,8 +6,8 @@ luod hold is bounded: connections per uid and in all, bytes and fds pending on a
 the JSON's depth; replies of any size are delivered as the peer reads them.
 
 Two ways to serve, one after the other: ``serve_early`` answers the calls of restored units right after
-READY=1 while asyncio loads in a thread (asyncio alone takes longer to import than the whole restore of a
-unit, and every restored unit waits for its answer) and the broker restores the memfds, and ``serve``
+READY=1 while asyncio loads in a thread, between their calls (asyncio alone takes longer to import than the
+whole restore of a unit, and every restored unit waits for its answer) and the broker restores the memfds, and ``serve``
 takes over its connections on the event loop.  Nothing here imports asyncio before ``serve``.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import _socket
 import select
 import sys
+import time
 
 from luo_systemd import authz, cgroups, errors, varlink
 from luo_systemd.api import Caller, Problem, wire
@@ -27,6 +28,7 @@ from luo_systemd.ownedfd import OwnedFd, OwnedFds
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
+    from _thread import LockType
     from collections.abc import Awaitable, Sequence
     from typing import Any, Callable, ClassVar, Optional, Union
 
@@ -43,6 +45,11 @@ NO_PIDFD = "the kernel gives no pidfd for this peer (SO_PEERPIDFD, Linux >= 6.5)
 # (A whole restore of 1,000 fds took as long at 50 us, 0.5 ms and 5 ms, within noise; this bounds the wait
 # of a single answer.)
 EARLY_SWITCH_INTERVAL_SEC = 0.0005
+# serve_early lets the thread load on once no call has come for this long (a restored unit's Retrieve and
+# Finish come a few ms apart), or once it has held it back for the longest: a steady stream of calls does not
+# keep the event loop (and Preserve, Status, D-Bus) from loading.
+EARLY_QUIET_MS = 5
+EARLY_HOLD_MAX_SEC = 1.0
 
 IDL = """\
 # Kernel live updates for systemd units: store named fds (memfds, LUO sessions) for a unit, get them back
@@ -198,7 +205,7 @@ class VarlinkService:
         self.open = 0
         self.per_uid: dict[int, int] = {}
 
-    def serve_early(self, until: int, restored: Callable[[], object]) -> list[Connection]:
+    def serve_early(self, until: int, restored: Callable[[], object], answering: LockType) -> list[Connection]:
         """Answers calls, and restores the memfds the broker has yet to (``Broker.restore_step``, one unit per
         turn), until ``until`` (an fd) is readable and the restore has ended, without an event loop; returns
         the connections still open, for ``serve``.  ``restored`` is called once the restore has ended (at
@@ -206,7 +213,9 @@ class VarlinkService:
         memfds first); the others wait for its end.  A call that must wait longer --
         Preserve (it may arm the agent first), the ones that run the pre-flight (its checks load with the
         event loop), one that finds the device busy -- and every later call on its connection are left to
-        ``serve``, as is the rest of a reply the peer does not take at once."""
+        ``serve``, as is the rest of a reply the peer does not take at once.  ``answering`` is held while
+        calls come (up to ``EARLY_HOLD_MAX_SEC`` after the restore): a thread that loads in steps and takes it
+        between them does not slow the answers down with its share of the GIL and the CPU."""
         broker, listener = self.broker, self.listener
         poller = select.poll()
         poller.register(listener.fileno(), select.POLLIN)
@@ -216,14 +225,30 @@ class VarlinkService:
         loaded = False
         interval = sys.getswitchinterval()
         sys.setswitchinterval(EARLY_SWITCH_INTERVAL_SEC)
-        if not broker.restoring:
+        holding = answering.acquire()
+        hold_until = 0.0
+
+        def restore_ended() -> None:
+            nonlocal hold_until
+            hold_until = time.monotonic() + EARLY_HOLD_MAX_SEC
             restored()
+
+        if not broker.restoring:
+            restore_ended()
         try:
             while True:
                 if loaded and not broker.restoring:
                     return list(conns.values())
                 restoring = broker.restoring
-                for fd, _ in poller.poll(0 if restoring else None):
+                events = poller.poll(0 if restoring else EARLY_QUIET_MS if holding else None)
+                if not restoring:
+                    hold = bool(events) and time.monotonic() < hold_until
+                    if hold and not holding:
+                        answering.acquire()
+                    elif holding and not hold:
+                        answering.release()
+                    holding = hold
+                for fd, _ in events:
                     if fd == until:
                         loaded = True
                         poller.unregister(until)
@@ -242,12 +267,14 @@ class VarlinkService:
                 if restoring:
                     self._restore_step()
                     if not broker.restoring:
-                        restored()
+                        restore_ended()
                         for conn in held:
                             poller.register(conn.sock, select.POLLIN)
                             self._turn(conn, conns, poller, [], self._resume)
                         held.clear()
         finally:
+            if holding:
+                answering.release()
             sys.setswitchinterval(interval)
 
     def _turn(
