@@ -3,8 +3,10 @@ processes placed in cgroups that look like units (so the agent derives their uni
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -17,11 +19,11 @@ import textwrap
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from luo_systemd import varlink
+from luo_systemd import cgroups, varlink
 from luo_systemd.broker import Broker
 from luo_systemd.liveupdate import EmuControl, EmulatorTransport, emulator_backend
 from luo_systemd.manifest import Manifest
@@ -105,6 +107,7 @@ class Emulator:
 TOP = Path(__file__).resolve().parent.parent
 CGROUP_FS = Path("/sys/fs/cgroup/systemd")  # on hybrid hosts systemd tracks units here
 NOBODY = 65534
+SERVICE_SOFT_NOFILE = 1024  # systemd's soft RLIMIT_NOFILE for a service without LimitNOFILE=
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -204,6 +207,21 @@ class UnitTree:
         group.mkdir(exist_ok=True)
         return group / "cgroup.procs"
 
+    @contextlib.contextmanager
+    def spawning_into(self, unit: str) -> Iterator[None]:
+        """This process in UNIT's cgroup, and at the soft RLIMIT_NOFILE systemd gives a service without
+        LimitNOFILE= (1024), while it spawns a child there; back in its own cgroup and limits after.  As a
+        service manager starts a unit: no shell in between (bench/run.py times luod's start)."""
+        own = CGROUP_FS / cgroups.cgroup_path("self").lstrip("/") / "cgroup.procs"
+        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.procs(unit).write_text(str(os.getpid()))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (SERVICE_SOFT_NOFILE, limits[1]))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            own.write_text(str(os.getpid()))
+
     def argv(self, unit: str, argv: list[str], uid: Optional[int] = None) -> list[str]:
         """argv that first moves itself into UNIT's cgroup (and drops to ``uid``), then execs."""
         drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid is not None else []
@@ -212,7 +230,7 @@ class UnitTree:
     def cleanup(self) -> None:
         for group in sorted(self.path.rglob("*"), key=lambda p: -len(p.parts)):
             if group.is_dir():
-                for pid in (group / "cgroup.procs").read_text().split():
+                for pid in set((group / "cgroup.procs").read_text().split()) - {str(os.getpid())}:
                     try:
                         os.kill(int(pid), signal.SIGKILL)
                     except ProcessLookupError:
@@ -310,7 +328,9 @@ class NotifySink:
 
 
 LISTEN_FDS_LAUNCHER = """
-import os, sys
+import os, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # for the moves: the fds may go beyond the soft limit
 fds = [int(fd) for fd in sys.argv[1].split(",")]
 high = [os.dup(fd) for fd in fds]
 for fd in fds:
@@ -322,7 +342,8 @@ for fd in high:
     if fd >= 3 + len(fds):
         os.close(fd)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
-os.execvp(sys.argv[2], sys.argv[2:])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+os.execv(sys.argv[2], sys.argv[3:])
 """
 
 
@@ -373,18 +394,17 @@ class Agent:
         env.pop("INVOCATION_ID", None)
         if self.bus:
             env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus.address
-        # One shell, where systemd execs luod at once (bench/run.py times this start): into luod.service's
-        # cgroup, RLIMIT_NOFILE as systemd gives a service without LimitNOFILE= (a soft limit of 1024),
-        # argv[0] '@luod' as luod.service sets it for systemd-shutdown's kill exemption.
-        script = 'echo $$ > "$1" && shift && ulimit -Sn 1024 && exec -a @luod "$@"'
-        luod = ["bash", "-c", script, "bash", str(self.tree.procs("luod.service")), *self.command]
+        # argv[0] '@luod', as luod.service sets it for systemd-shutdown's kill exemption.
+        executable, argv = self.command[0], ["@luod", *self.command[1:], "--config", str(self.config)]
         kept = sorted(self.fdstore.items()) if self.fdstore else []
         if kept:  # handed back as systemd does: fds 3.. with LISTEN_FDNAMES, LISTEN_PID of luod itself
             env["LISTEN_FDNAMES"] = ":".join(k for k, _ in kept)
-            luod = [sys.executable, "-c", LISTEN_FDS_LAUNCHER, ",".join(str(fd) for _, fd in kept), *luod]
-        argv = [*luod, "--config", str(self.config)]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, pass_fds=[fd for _, fd in kept])
+            fds = ",".join(str(fd) for _, fd in kept)
+            executable, argv = sys.executable, [sys.executable, "-c", LISTEN_FDS_LAUNCHER, fds, executable, *argv]
+        with open(self.log, "ab") as log, self.tree.spawning_into("luod.service"):
+            self.proc = subprocess.Popen(
+                argv, executable=executable, env=env, stdout=log, stderr=log, pass_fds=[fd for _, fd in kept]
+            )
         if not wait:
             return
         if not self.notify.ready.wait(READY_TIMEOUT) or (self.bus and not self.notify.on_bus.wait(READY_TIMEOUT)):
