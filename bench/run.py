@@ -6,10 +6,10 @@ Per-unit and per-boot commands (luo-hook in every verb, the generator, luod exec
 alternating pairs with ``python3 -I -S -c pass`` (the floor for any Python program); each figure is the median
 of the per-pair ratios.  Preserve and restore through luod (10 memfds per unit) are timed against the same
 create_session/preserve_fd and retrieve_session/retrieve_fd/finish calls made directly on the emulator, at each
-fd count; the restore also less an empty start of luod (the median of five in the same bed, each to its
-first call answered).  luod's files are on a tmpfs, as /run is.  Last, memory: luod idle and holding the most
-fds, luo-emu holding 1 MiB and 1 GiB.  Nothing here asserts: the figures are for people to compare between
-changes.  Needs root (cgroups, like the tests).
+fd count, in alternating rounds (the median of the per-round ratios); the restore also less an empty start of
+luod (the median of five in the same bed, each to its first call answered).  luod's files are on a tmpfs, as
+/run is.  Last, memory: luod idle and holding the most fds, luo-emu holding 1 MiB and 1 GiB.  Nothing here
+asserts: the figures are for people to compare between changes.  Needs root (cgroups, like the tests).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ FDS_PER_UNIT = 10
 MiB = 1 << 20
 BENCH_READY_TIMEOUT = 600.0
 EMPTY_STARTS = 5  # the median of five: one start varies by more than the restore of 100 fds takes
+ROUNDS, ROUNDS_LARGE = 7, 3  # of preserve and restore against the raw operations, up to 1,000 fds and above
 
 
 def wall_ms(action: Callable[[], object]) -> float:
@@ -284,44 +285,49 @@ def raw_figures(emulator: Emulator, units: int) -> tuple[float, float]:
 
 
 def scale_figures(directory: Path, fds: int) -> tuple[list[tuple[str, float, float, float, float]], Optional[str]]:
-    """Preserve and restore of ``fds`` memfds through luod against the raw device operations; luod's RSS.
-    The restore is shown whole and less an empty start of luod, which is what grows with the fds.  The empty
-    start is timed to its first call answered: the restore's first Retrieve waits for what luod loads after
-    READY=1 too (the interpreter, imports and event loop, the same at every count)."""
+    """Preserve and restore of ``fds`` memfds through luod against the raw device operations, in alternating
+    rounds (the median of each, and of the per-round ratios); luod's RSS.  The restore is shown whole and
+    less an empty start of luod, which is what grows with the fds.  The empty start is timed to its first
+    call answered: the restore's first Retrieve waits for what luod loads after READY=1 too (the
+    interpreter, imports and event loop, the same at every count)."""
     count = fds // FDS_PER_UNIT
     bed = Bed(directory, max_fds=fds)
     try:
-        raw_preserve, raw_restore = raw_figures(bed.emulator, count)
         empty_starts = []
         for _ in range(EMPTY_STARTS):
             bed.agent.stop()
             empty_starts.append(bed.timed_start(retrieve="nothing.service"))
         empty_start = statistics.median(empty_starts)
+        # Status waits for luod's event loop, which loads after its first answers: idle is with it loaded, and
+        # a live update is armed long after luod's start, not while it still loads asyncio (Arm waits too).
+        bed.agent.call("Status")
         assert bed.agent.proc is not None
         idle = rss_kib(bed.agent.proc.pid)
         units = bed.units(count)
         bed.store(units)
         holding = rss_kib(bed.agent.proc.pid)
-        bed.emulator.load()  # outside the timing, as in raw_figures
-        # Arm waits for luod's event loop, which loads after its first answers: a live update is armed long
-        # after luod's start, not while it still loads asyncio (Status waits for it too).
-        bed.agent.call("Status")
-        preserve = wall_ms(lambda: bed.preserve(units))
-        bed.emulator.kexec()
-        bed.agent.stop()
-        restore = bed.timed_start() + wall_ms(lambda: bed.restore(units))
-        work = restore - empty_start
-        rows = [
-            (f"preserve (Arm + Preserve), {fds} fds", preserve, preserve / fds, raw_preserve, preserve / raw_preserve),
-            (
-                f"restore (start, Retrieve, Finish), {fds} fds",
-                restore,
-                restore / fds,
-                raw_restore,
-                restore / raw_restore,
-            ),
-            (f"restore less an empty start, {fds} fds", work, work / fds, raw_restore, work / raw_restore),
-        ]
+        rounds: dict[str, list[tuple[float, float]]] = {"preserve": [], "restore": [], "work": []}
+        for _ in range(ROUNDS if fds <= 1000 else ROUNDS_LARGE):
+            raw_preserve, raw_restore = raw_figures(bed.emulator, count)
+            bed.emulator.load()  # outside the timing, as in raw_figures
+            preserve = wall_ms(lambda: bed.preserve(units))
+            bed.emulator.kexec()
+            bed.agent.stop()
+            restore = bed.timed_start() + wall_ms(lambda: bed.restore(units))  # Finish stores the memfds again
+            rounds["preserve"].append((preserve, raw_preserve))
+            rounds["restore"].append((restore, raw_restore))
+            rounds["work"].append((restore - empty_start, raw_restore))
+            bed.agent.call("Status")  # as above, before the next round's Arm
+        rows = []
+        for key, name in (
+            ("preserve", "preserve (Arm + Preserve)"),
+            ("restore", "restore (start, Retrieve, Finish)"),
+            ("work", "restore less an empty start"),
+        ):
+            ms = statistics.median(luod for luod, _ in rounds[key])
+            raw = statistics.median(raw for _, raw in rounds[key])
+            ratio = statistics.median(luod / raw for luod, raw in rounds[key])
+            rows.append((f"{name}, {fds} fds", ms, ms / fds, raw, ratio))
         return rows, f"luod VmRSS {idle} KiB idle, {holding} KiB holding {fds} fds"
     finally:
         bed.close()
