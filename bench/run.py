@@ -7,7 +7,7 @@ alternating pairs with ``python3 -I -S -c pass`` (the floor for any Python progr
 of the per-pair ratios.  Preserve and restore through luod (10 memfds per unit) are timed against the same
 create_session/preserve_fd and retrieve_session/retrieve_fd/finish calls made directly on the emulator, at each
 fd count, in alternating rounds (the median of the per-round ratios); the restore also less an empty start of
-luod (the median of five in the same bed, each to its first call answered).  luod's files are on a tmpfs, as
+luod (timed to its first call answered, in each round).  luod's files are on a tmpfs, as
 /run is.  Last, memory: luod idle and holding the most fds, luo-emu holding 1 MiB and 1 GiB.  Nothing here
 asserts: the figures are for people to compare between changes.  Needs root (cgroups, like the tests).
 """
@@ -38,7 +38,6 @@ BASELINE = ["/usr/bin/python3", "-I", "-S", "-c", "pass"]
 FDS_PER_UNIT = 10
 MiB = 1 << 20
 BENCH_READY_TIMEOUT = 600.0
-EMPTY_STARTS = 5  # the median of five: one start varies by more than the restore of 100 fds takes
 ROUNDS, ROUNDS_LARGE = 7, 3  # of preserve and restore against the raw operations, up to 1,000 fds and above
 
 
@@ -87,7 +86,7 @@ class Bed:
 
     def __init__(self, directory: Path, max_fds: int = 4096) -> None:
         self.emulator = Emulator(directory)
-        self.tree = UnitTree(f"luo-bench-{os.getpid()}")
+        self.tree = UnitTree(f"luo-bench-{os.getpid()}-{directory.name}")  # one per bed: two run at once
         self.agent = Agent(directory, self.emulator, None, self.tree)
         with self.agent.config.open("a") as f:
             f.write(f"max_fds_total = {max_fds}\n")
@@ -289,15 +288,14 @@ def scale_figures(directory: Path, fds: int) -> tuple[list[tuple[str, float, flo
     rounds (the median of each, and of the per-round ratios); luod's RSS.  The restore is shown whole and
     less an empty start of luod, which is what grows with the fds.  The empty start is timed to its first
     call answered: the restore's first Retrieve waits for what luod loads after READY=1 too (the
-    interpreter, imports and event loop, the same at every count)."""
+    interpreter, imports and event loop, the same at every count); in each round, in a bed of its own."""
     count = fds // FDS_PER_UNIT
+    (directory / "empty").mkdir()
+    empty = Bed(directory / "empty")
     bed = Bed(directory, max_fds=fds)
     try:
-        empty_starts = []
-        for _ in range(EMPTY_STARTS):
-            bed.agent.stop()
-            empty_starts.append(bed.timed_start(retrieve="nothing.service"))
-        empty_start = statistics.median(empty_starts)
+        bed.agent.start()
+        empty.agent.start()
         # Status waits for luod's event loop, which loads after its first answers: idle is with it loaded, and
         # a live update is armed long after luod's start, not while it still loads asyncio (Arm waits too).
         bed.agent.call("Status")
@@ -314,6 +312,8 @@ def scale_figures(directory: Path, fds: int) -> tuple[list[tuple[str, float, flo
             bed.emulator.kexec()
             bed.agent.stop()
             restore = bed.timed_start() + wall_ms(lambda: bed.restore(units))  # Finish stores the memfds again
+            empty.agent.stop()
+            empty_start = empty.timed_start(retrieve="nothing.service")
             rounds["preserve"].append((preserve, raw_preserve))
             rounds["restore"].append((restore, raw_restore))
             rounds["work"].append((restore - empty_start, raw_restore))
@@ -331,6 +331,7 @@ def scale_figures(directory: Path, fds: int) -> tuple[list[tuple[str, float, flo
         return rows, f"luod VmRSS {idle} KiB idle, {holding} KiB holding {fds} fds"
     finally:
         bed.close()
+        empty.close()
 
 
 def emulator_memory(directory: Path) -> str:
