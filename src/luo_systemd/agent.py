@@ -400,8 +400,8 @@ def serve_while_loading(varlink: VarlinkService) -> list[Connection]:
     """Answers Varlink calls and ends the restore (``VarlinkService.serve_early``), and once the restore has
     ended imports what the event loop needs (``import_event_loop``) in a thread, between the calls; the
     connections still open are returned for ``serve``.  Running beside the calls, the thread took the GIL back
-    at each of their system calls and the CPU from the callers: 10 restored units' Retrieve and Finish took
-    80 ms instead of 32 (bench/run.py's 100 fds, 2 CPUs)."""
+    at each of their system calls and a CPU from the callers: 10 restored units' Retrieve and Finish, one
+    after another, took 80 ms; between them, 28 (medians of 7, bench/run.py's bed of 100 fds, 2 CPUs)."""
     import _thread  # noqa: PLC0415 - threading's C half: nothing else to load on the way to the first answer
 
     loaded, wake = os.pipe2(os.O_CLOEXEC)

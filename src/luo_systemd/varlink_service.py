@@ -6,9 +6,10 @@ luod hold is bounded: connections per uid and in all, bytes and fds pending on a
 the JSON's depth; replies of any size are delivered as the peer reads them.
 
 Two ways to serve, one after the other: ``serve_early`` answers the calls of restored units right after
-READY=1 while asyncio loads in a thread, between their calls (asyncio alone takes longer to import than the
-whole restore of a unit, and every restored unit waits for its answer) and the broker restores the memfds, and ``serve``
-takes over its connections on the event loop.  Nothing here imports asyncio before ``serve``.
+READY=1 while the broker restores the memfds and then asyncio loads in a thread, between the calls (asyncio
+alone takes longer to import than the whole restore of a unit, and every restored unit waits for its
+answer), and ``serve`` takes over its connections on the event loop.  Nothing here imports asyncio before
+``serve``.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ NO_PIDFD = "the kernel gives no pidfd for this peer (SO_PEERPIDFD, Linux >= 6.5)
 # (A whole restore of 1,000 fds took as long at 50 us, 0.5 ms and 5 ms, within noise; this bounds the wait
 # of a single answer.)
 EARLY_SWITCH_INTERVAL_SEC = 0.0005
-# serve_early lets the thread load on once no call has come for this long (a restored unit's Retrieve and
-# Finish come a few ms apart), or once it has held it back for the longest: a steady stream of calls does not
-# keep the event loop (and Preserve, Status, D-Bus) from loading.
+# serve_early lets that thread load on once no call has come for this long (longer than between a client's
+# calls one after another, short beside a unit's start), or once it has held it back for the longest: a
+# steady stream of calls does not keep the event loop (and Preserve, Status, D-Bus) from loading.
 EARLY_QUIET_MS = 5
 EARLY_HOLD_MAX_SEC = 1.0
 
