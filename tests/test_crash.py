@@ -8,6 +8,7 @@ service manager's fd store: it keeps what luod pushes (FDSTORE=1) and hands it b
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,6 +148,8 @@ class Run:
             self.step(call("Finish", {"unit": unit}))
         for unit, names in held.items():  # finished: carried forward as stored fds
             assert sorted(contents(self.agent, unit)) == sorted(names)
+        last = json.loads((self.dir / "last-update.json").read_text())  # for liveupdatectl verify, crash or not
+        assert last["units"] == {unit: len(names) for unit, names in held.items()}, last
         assert "Traceback" not in self.agent.log.read_text()
 
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from luo_systemd.dbus_service import AgentBus
     from luo_systemd.kexec import Loader
     from luo_systemd.kexec_watch import KexecWatcher
+    from luo_systemd.manifest import Manifest
     from luo_systemd.state import FdStore
     from luo_systemd.varlink_service import Connection, VarlinkService
 
@@ -182,10 +183,10 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def start(cfg: config.Config) -> tuple[Broker, int]:
+def start(cfg: config.Config) -> tuple[Broker, int, Optional[Manifest]]:
     """Everything up to READY=1, without the event loop: the recovery, or the restore up to the memfds
-    (Broker.begin_restore), and the Varlink socket listening, as an fd (callers queue in its backlog until
-    ``serve_while_loading`` answers them)."""
+    (Broker.begin_restore, whose manifest is returned), and the Varlink socket listening, as an fd (callers
+    queue in its backlog until ``serve_while_loading`` answers them)."""
     raise_fd_limit()
     fds = service_manager.listen_fds()
     store: FdStore = SystemdFdStore() if os.environ.get("NOTIFY_SOCKET") else NoFdStore()
@@ -199,18 +200,22 @@ def start(cfg: config.Config) -> tuple[Broker, int]:
         BrokerConfig(max_fds_total=cfg.max_fds_total, busy_retries=cfg.busy_retries, env_dir=cfg.env_dir),
     )
     kept = {key: fdl[0] for key, fdl in fds.items() if key.startswith("luod-")}
+    manifest = None
     if not broker.recover(kept):  # no fd store handed back: a fresh start, perhaps after a live update
         try:
             manifest = broker.begin_restore()  # the memfds follow after READY=1 (serve_while_loading)
         except LuoError as e:
             log.warning("Nothing restored: %s", e)
-            manifest = None
-        if manifest is not None:
-            from luo_systemd.verify import last_update_of, write_last_update  # noqa: PLC0415 - after live updates only
+    return broker, activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket), manifest
 
-            log.info("Live update %d: restoring %d unit(s)", manifest.update_count, len(manifest.units))
-            write_last_update(cfg.last_update_file, last_update_of(manifest))
-    return broker, activated_or_bound(fds.get(VARLINK_FDNAME), cfg.varlink_socket)
+
+def record_last_update(cfg: config.Config, manifest: Manifest) -> None:
+    """What the manifest carried, for ``liveupdatectl verify``: after READY=1 (no unit waits for it), still
+    within the restore, so that an agent that crashes before it is written restores again and writes it."""
+    from luo_systemd.verify import last_update_of, write_last_update  # noqa: PLC0415 - after live updates only
+
+    log.info("Live update %d: restoring %d unit(s)", manifest.update_count, len(manifest.units))
+    write_last_update(cfg.last_update_file, last_update_of(manifest))
 
 
 def preflight(cfg: config.Config, broker: Broker) -> Loader:
@@ -556,7 +561,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("Bad configuration: %s", e)
         return 1
     try:
-        broker, listener_fd = start(cfg)
+        broker, listener_fd, manifest = start(cfg)
     except LuoError as e:
         log.error("%s", e)
         return 1
@@ -565,6 +570,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     backend = broker.backend.kind
     service_manager.send(f"READY=1\nSTATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), backend {backend}")
     log.info("luod ready (backend %s, phase %s)", backend, broker.phase.value)
+    if manifest is not None:
+        record_last_update(cfg, manifest)
     from luo_systemd.varlink_service import VarlinkService  # noqa: PLC0415 - after READY=1
 
     varlink = VarlinkService(
