@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import shlex
 import shutil
 import signal
@@ -107,7 +106,9 @@ class Emulator:
 TOP = Path(__file__).resolve().parent.parent
 CGROUP_FS = Path("/sys/fs/cgroup/systemd")  # on hybrid hosts systemd tracks units here
 NOBODY = 65534
-SERVICE_SOFT_NOFILE = 1024  # systemd's soft RLIMIT_NOFILE for a service without LimitNOFILE=
+# Put before luod's program: the soft RLIMIT_NOFILE systemd gives a service without LimitNOFILE= (1024),
+# which luod raises.  Set in luod's own process, not around the spawn: the tests' process may hold more fds.
+SOFT_NOFILE_1024 = "import resource as r; r.setrlimit(r.RLIMIT_NOFILE, (1024, r.getrlimit(r.RLIMIT_NOFILE)[1]))\n"
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -209,17 +210,13 @@ class UnitTree:
 
     @contextlib.contextmanager
     def spawning_into(self, unit: str) -> Iterator[None]:
-        """This process in UNIT's cgroup, and at the soft RLIMIT_NOFILE systemd gives a service without
-        LimitNOFILE= (1024), while it spawns a child there; back in its own cgroup and limits after.  As a
-        service manager starts a unit: no shell in between (bench/run.py times luod's start)."""
+        """This process in UNIT's cgroup while it spawns a child there, back in its own after: as a service
+        manager starts a unit, with no shell in between (bench/run.py times luod's start)."""
         own = CGROUP_FS / cgroups.cgroup_path("self").lstrip("/") / "cgroup.procs"
-        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.procs(unit).write_text(str(os.getpid()))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (SERVICE_SOFT_NOFILE, limits[1]))
         try:
             yield
         finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
             own.write_text(str(os.getpid()))
 
     def argv(self, unit: str, argv: list[str], uid: Optional[int] = None) -> list[str]:
@@ -328,9 +325,7 @@ class NotifySink:
 
 
 LISTEN_FDS_LAUNCHER = """
-import os, resource, sys
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # for the moves: the fds may go beyond the soft limit
+import os, sys
 fds = [int(fd) for fd in sys.argv[1].split(",")]
 high = [os.dup(fd) for fd in fds]
 for fd in fds:
@@ -342,7 +337,6 @@ for fd in high:
     if fd >= 3 + len(fds):
         os.close(fd)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
-resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 os.execv(sys.argv[2], sys.argv[3:])
 """
 
@@ -395,7 +389,8 @@ class Agent:
         if self.bus:
             env["DBUS_SYSTEM_BUS_ADDRESS"] = self.bus.address
         # argv[0] '@luod', as luod.service sets it for systemd-shutdown's kill exemption.
-        executable, argv = self.command[0], ["@luod", *self.command[1:], "--config", str(self.config)]
+        *python, program = self.command
+        executable, argv = python[0], ["@luod", *python[1:], SOFT_NOFILE_1024 + program, "--config", str(self.config)]
         kept = sorted(self.fdstore.items()) if self.fdstore else []
         if kept:  # handed back as systemd does: fds 3.. with LISTEN_FDNAMES, LISTEN_PID of luod itself
             env["LISTEN_FDNAMES"] = ":".join(k for k, _ in kept)

@@ -313,13 +313,14 @@ async def on_bus(
     import concurrent.futures  # noqa: PLC0415 - asyncio's own import
     import functools  # noqa: PLC0415 - asyncio's own import
 
-    from dbus_next.errors import AuthError, DBusError  # noqa: PLC0415
-
     # At the lowest priority, in a thread of its own: on a busy boot it does not take the CPU from the
-    # restored units starting meanwhile (in the sid qemu tier, the demo's start took 7 s instead of 3).
+    # restored units starting meanwhile (in the sid qemu tier, the demo's start took 7 s instead of 3), nor
+    # the event loop from their calls (dbus_next alone is ~20 ms).
     loop = asyncio.get_running_loop()
     with concurrent.futures.ThreadPoolExecutor(1) as importer:
         await loop.run_in_executor(importer, import_dbus_service)
+    from dbus_next.errors import AuthError, DBusError  # noqa: PLC0415 - loaded by now
+
     from luo_systemd.dbus_service import BUS_NAME  # noqa: PLC0415
 
     deadline = loop.time() + BUS_WAIT_SEC
