@@ -7,9 +7,9 @@ alternating pairs with ``python3 -I -S -c pass`` (the floor for any Python progr
 of the per-pair ratios.  Preserve and restore through luod (10 memfds per unit) are timed against the same
 create_session/preserve_fd and retrieve_session/retrieve_fd/finish calls made directly on the emulator, at each
 fd count, in alternating rounds (the median of the per-round ratios); the restore also less an empty start of
-luod (timed to its first call answered, in each round).  luod's files are on a tmpfs, as
-/run is.  Last, memory: luod idle and holding the most fds, luo-emu holding 1 MiB and 1 GiB.  Nothing here
-asserts: the figures are for people to compare between changes.  Needs root (cgroups, like the tests).
+luod (timed to its first call answered, in each round).  luod's files are on a tmpfs, as /run is.  Last,
+memory: luod idle and holding the most fds, luo-emu holding 1 MiB and 1 GiB.  Nothing here asserts: the
+figures are for people to compare between changes.  Needs root (cgroups, like the tests).
 """
 
 from __future__ import annotations
