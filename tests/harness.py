@@ -255,6 +255,19 @@ def restore(broker: Broker) -> Optional[Manifest]:
     return manifest
 
 
+def close_held(broker: Broker) -> None:
+    """Closes every fd an in-process broker holds for its units (luod's exit does for luod's): otherwise the
+    test's process keeps a test's memfds and sessions open for the rest of the run."""
+    fds = {broker.manifest_session.fd} if broker.manifest_session else set()
+    for state in broker.units.values():
+        fds.update(entry.held.fd for entry in (*state.stored.values(), *state.restored.values()))
+        sessions = (*state.client_sessions.values(), *state.restored_client_sessions.values())
+        fds.update(held.fd for held in (state.out_session, state.in_session, *sessions) if held is not None)
+    for fd in fds:
+        os.close(fd)
+    broker.units.clear()
+
+
 def python_path() -> str:
     """Where this test run's packages are, for child processes whose argv[0] hides the venv."""
     return ":".join([str(TOP / "src"), str(TOP), sysconfig.get_paths()["purelib"]])

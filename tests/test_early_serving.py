@@ -25,7 +25,7 @@ from luo_systemd.policy import Policy, parse_policy
 from luo_systemd.state import NoFdStore
 from luo_systemd.varlink_service import Connection, VarlinkService
 from tests.contract.scenarios import digest, memfd
-from tests.harness import Emulator
+from tests.harness import Emulator, close_held
 
 UNIT = "demo.service"
 LOADER_STEPS = 3
@@ -100,6 +100,7 @@ class Early:
         self.thread.join(10)
         self.loop.close()
         self.listener.close()
+        close_held(self.broker)
         if self.loader.ident is not None:
             self.loader.join(10)
         for fd in (self.loaded, self.wake):
@@ -262,6 +263,7 @@ def test_after_a_kexec_the_memfds_follow_ready_those_asked_for_first(
     for unit in policies:
         before.store(ROOT, unit, [(f"f{i}", OwnedFd(memfd(f"f{i}", data[unit, i]))) for i in range(10)])
     emulator.live_update()
+    close_held(before)  # its memfds went across in the emulator
     restored: list[str] = []  # units, in the order of their "Restored ..." events
     event = journal.event
 
