@@ -256,7 +256,7 @@ def restore(broker: Broker) -> Optional[Manifest]:
 
 
 def close_held(broker: Broker) -> None:
-    """Closes every fd an in-process broker holds for its units (luod's exit does for luod's): otherwise the
+    """Closes every fd an in-process broker holds for its units, as luod's exit does for luod's: otherwise the
     test's process keeps a test's memfds and sessions open for the rest of the run."""
     fds = {broker.manifest_session.fd} if broker.manifest_session else set()
     for state in broker.units.values():
