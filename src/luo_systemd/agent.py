@@ -440,7 +440,7 @@ def serve_while_loading(varlink: VarlinkService) -> list[Connection]:
     return adopted
 
 
-# What ``serve`` and ``preflight`` need: asyncio (~5 bare interpreter starts here, with logging and inspect),
+# What ``serve`` and ``preflight`` need: asyncio (~4 bare interpreter starts here, with logging and inspect),
 # the pre-flight's loader (kernel formats, decompressors) and ctypes (a Store's memfd check,
 # luo_systemd.syscalls).  Imported one at a time, each after what it imports first, so that a call waits for
 # at most one of them.
