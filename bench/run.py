@@ -38,7 +38,7 @@ BASELINE = ["/usr/bin/python3", "-I", "-S", "-c", "pass"]
 FDS_PER_UNIT = 10
 MiB = 1 << 20
 BENCH_READY_TIMEOUT = 600.0
-# Rounds of preserve and restore against the raw operations, up to 1,000 fds and above (~12 s a round at
+# Rounds of preserve and restore against the raw operations, up to 1,000 fds and above (~10 s a round at
 # 10,000 fds): single rounds' ratios at 10,000 ranged 1.46-2.25 here, within one run.
 ROUNDS, ROUNDS_LARGE = 7, 5
 
@@ -117,8 +117,9 @@ class Bed:
         ``retrieve``: to the answer of a first call, that unit's Retrieve, which waits for what luod loads
         after READY=1 (the Varlink service) and after a kexec for the unit's memfds, as a restored unit's
         luo-hook start does.  Not timed: the harness's move into luod.service's cgroup before the spawn, the
-        service manager's work for any unit (after ~50 ms without a cgroup move, this kernel makes the next
-        one wait for an RCU grace period: 5-14 ms here, which swamped the 100-fd restore rows)."""
+        service manager's work for any unit.  After ~50 ms without one, a cgroup move took 5-14 ms here
+        (back to back, 0.1 ms: the kernel's cgroup rwsem waiting out an RCU grace period), which the bare
+        interpreter's run never paid and which swamped the 100-fd restore rows."""
         self.agent.start(wait=False)
         if not self.agent.notify.ready.wait(BENCH_READY_TIMEOUT):
             raise RuntimeError(f"luod did not become ready in {BENCH_READY_TIMEOUT}s; see {self.agent.log}")
