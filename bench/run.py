@@ -147,7 +147,10 @@ def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
     hook = hook_command().split()  # as the generator's drop-ins run it
     env = {k: v for k, v in os.environ.items() if k not in ("LIVEUPDATE_RESTORED", "NOTIFY_SOCKET")}
     rows = [
-        ("luo-hook start, ordinary start", *paired(functools.partial(run, [*hook, "start", "x.service"], env), pairs))
+        (
+            "luo-hook started, ordinary start",
+            *paired(functools.partial(run, [*hook, "started", "x.service"], env), pairs),
+        )
     ]
     bed = Bed(directory)
     try:
@@ -160,6 +163,12 @@ def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
                 *paired(functools.partial(run, [*hook, "stop", "x.service"], luod), pairs),
             )
         )
+        rows.append(
+            (
+                "luo-hook start, luod running, nothing restored",
+                *paired(functools.partial(run, [*hook, "start", "x.service"], luod), pairs),
+            )
+        )
         fds = memfds(4)
         bed.agent.call("Store", {"unit": "x.service", "names": ["a", "b", "c", "d"]}, fds)
         close_all(fds)
@@ -167,7 +176,7 @@ def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
         bed.preserve(["x.service"])
         bed.restart()
         sink = NotifySink(directory / "hook-notify.sock")
-        restored = dict(luod, LIVEUPDATE_RESTORED="1", NOTIFY_SOCKET=str(sink.path))
+        restored = dict(luod, NOTIFY_SOCKET=str(sink.path))
         try:
             rows.append(
                 (

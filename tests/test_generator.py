@@ -82,28 +82,38 @@ def test_kexec_handover_boot_from_the_setup_data(tmp_path: Path) -> None:
     assert not generator.kexec_handover_boot({"SYSTEMD_VIRTUALIZATION": "vm:qemu"}, str(none))
 
 
-def test_a_boot_without_handover_does_not_wait_for_luod(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_a_boot_after_a_live_update_asks_luod_before_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restore=auto: the unit never waits for luod's READY=1, only for its socket; luo-hook start asks luod
+    what was restored (the call waits in the socket) in a boot that may follow a live update, and no
+    process runs before the start in any other boot."""
     monkeypatch.chdir(TOP)
     units = generator.collect_units(INPUT)
     after_kexec = generator.plan(units, 262, handed_over=True).files["demo.service.d/50-liveupdate.conf"]
     cold = generator.plan(units, 262, handed_over=False).files["demo.service.d/50-liveupdate.conf"]
-    assert "After=luod.service" in after_kexec.splitlines()
-    assert "After=luod.service" not in cold.splitlines()
-    assert "After=luod.socket" in cold.splitlines() and "Wants=luod.service" in cold.splitlines()
-    assert cold.split("[Service]")[1] == after_kexec.split("[Service]")[1]  # the same hooks and settings
+    for dropin in (after_kexec, cold):
+        lines = dropin.splitlines()
+        assert "After=luod.socket" in lines and "Wants=luod.service" in lines, dropin
+        assert "After=luod.service" not in lines, dropin
+    hook = "ExecStartPre=-/usr/bin/luo-hook start %n"
+    assert hook in after_kexec.splitlines() and hook not in cold
+    assert cold == after_kexec.replace(hook + "\n", ""), "the same drop-in less the hook"
 
 
-def test_a_unit_with_restore_early_never_waits_for_luods_ready(tmp_path: Path) -> None:
-    """It asks luod what was restored; only its socket must be there (luo-qemu@.service)."""
+@pytest.mark.parametrize(("restore", "waits_after_kexec"), [("explicit", True), ("early", False)])
+def test_a_unit_that_asks_luod_itself(tmp_path: Path, restore: str, waits_after_kexec: bool) -> None:
+    """Restore=explicit: the service asks when LIVEUPDATE_RESTORED=1 is in its environment, so after a live
+    update it waits for luod's READY=1 (luod writes the file before).  Restore=early: it asks at every start
+    (luo-qemu@.service), so only luod's socket must be there.  Neither has a hook before the start."""
     units_dir = tmp_path / "units"
     units_dir.mkdir()
-    (units_dir / "vm.service").write_text("[Service]\nExecStart=/bin/true\n[X-LiveUpdate]\nRestore=early\n")
+    (units_dir / "vm.service").write_text(f"[Service]\nExecStart=/bin/true\n[X-LiveUpdate]\nRestore={restore}\n")
     units = generator.collect_units([str(units_dir)])
     for handed_over in (True, False):
         dropin = generator.plan(units, 262, handed_over=handed_over).files["vm.service.d/50-liveupdate.conf"]
         lines = dropin.splitlines()
-        assert "After=luod.socket" in lines and "After=luod.service" not in lines, dropin
-        assert "Wants=luod.service" in lines and "Restore=early" in lines
+        assert "After=luod.socket" in lines and "Wants=luod.service" in lines, dropin
+        assert ("After=luod.service" in lines) == (handed_over and waits_after_kexec), dropin
+        assert f"Restore={restore}" in lines
         assert not [line for line in lines if line.startswith("ExecStartPre=")], dropin
 
 

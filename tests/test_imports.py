@@ -62,9 +62,9 @@ def hook_script() -> str:
 @pytest.mark.parametrize(
     ("verb", "extra_env"),
     [
-        ("start", {}),  # an ordinary start
-        ("start", {"LIVEUPDATE_RESTORED": "1"}),  # after a live update: talks to luod
-        ("started", {"LIVEUPDATE_RESTORED": "1"}),
+        ("start", {}),  # only in a boot after a live update: talks to luod
+        ("started", {}),  # an ordinary start
+        ("started", {"LIVEUPDATE_RESTORED": "1"}),  # after a live update: talks to luod
         ("stop", {}),
     ],
 )
@@ -73,7 +73,7 @@ def test_hook_imports_only_the_light_client(hook_script: str, verb: str, extra_e
     env.update(extra_env, LUOD_SOCKET="/nonexistent/luod.sock")  # luod unreachable: the hook logs, exits 0
     modules = loaded([hook_script, verb, "demo.service"], env)
     assert not {m.split(".")[0] for m in modules} & {*NEVER, *NOT_FOR_THE_HOOK}, sorted(modules)
-    talks = verb != "start" or extra_env
+    talks = verb != "started" or extra_env
     assert ("luo_systemd.varlink" in modules) == bool(talks), sorted(modules)
 
 

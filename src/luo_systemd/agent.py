@@ -26,7 +26,8 @@ from luo_systemd.policy import DROPIN, Policy, parse_policy
 from luo_systemd.state import NoFdStore
 
 # Everything up to READY=1 keeps to modules that load fast (tests/test_imports.py checks the list):
-# every opted-in unit waits for READY=1 after a live update.  What only serves afterwards is imported there.
+# after a live update every restored unit waits for what comes first, luod's first answer or READY=1.  What
+# only serves afterwards is imported there.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
@@ -305,7 +306,7 @@ async def on_bus(
 ) -> None:
     """luod on the system bus, as soon as the bus answers, until cancelled or the bus goes away.  luod is not
     ordered after dbus.socket (which comes only after sysinit.target): after a live update every restored unit
-    waits for luod's READY=1, and luod must not wait for the bus; so the bus may not be listening yet.  It is
+    waits for luod's answer, and luod must not wait for the bus; so the bus may not be listening yet.  It is
     tried again every BUS_RETRY_SEC for BUS_WAIT_SEC: the bus is a second door (hooks and units use Varlink),
     and it may be gone for good -- dbus.service stops in the very shutdown that a live update is.  A failure
     here never ends luod: its exit would drop every session before the kexec."""

@@ -695,11 +695,11 @@ class Broker:
         every unit's LUO sessions and its environment file, with the device open once.  None on a cold boot.
 
         The memfds follow after READY=1, a unit at a time (``restore_step``), first for a unit whose fds are
-        asked for (``_restored_first``): an opted-in unit waits for READY=1, a live-updated one only for its
-        own fds.  Until the restore ends nothing is logged and only calls that read run, so a crash in
-        between restores again; the manifest's session is finished last, after the log holds everything
-        restored (invariant 3).  Sessions a predecessor retrieved before it crashed come from the fd store
-        (``recover``): the kernel gives a session only once."""
+        asked for (``_restored_first``): a live-updated unit waits only for its own fds.  Until the restore
+        ends nothing is logged and only calls that read run, so a crash in between restores again; the
+        manifest's session is finished last, after the log holds everything restored (invariant 3).
+        Sessions a predecessor retrieved before it crashed come from the fd store (``recover``): the kernel
+        gives a session only once."""
         with self.backend.device(self.config.busy_retries) as dev:
             try:
                 luod = self._retrieve_session(dev, names.MANIFEST_SESSION)

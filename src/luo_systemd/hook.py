@@ -2,8 +2,10 @@
 
 - ``stop`` (ExecStop=, after the unit's own): asks luod to preserve the unit's fds if a live update is
   under way; the agent decides, so the hook needs no state.
-- ``start`` (ExecStartPre=): after a live update, gets the unit's restored fds from luod and pushes them into
-  the unit's own fd store (FDSTORE=1), so the main process receives them in LISTEN_FDS/LISTEN_FDNAMES.
+- ``start`` (ExecStartPre=, only in a boot that may follow a live update): gets the unit's restored fds
+  from luod, if any, and pushes them into the unit's own fd store (FDSTORE=1), so the main process receives
+  them in LISTEN_FDS/LISTEN_FDNAMES.  It asks whatever its environment says: the unit is ordered after
+  luod's socket only, so it may start before luod has written its environment file.
 - ``started`` (ExecStartPost=): finishes the unit's restore (unless the unit finishes explicitly).
 
 Thin and idempotent, stdlib only (no asyncio, no D-Bus: it runs on the blackout path for every unit), and it
@@ -22,10 +24,9 @@ if TYPE_CHECKING:
 
     from luo_systemd.varlink import Client
 
-# Imports beyond os and sys happen only where needed: "start" and "started" of a unit that was not
-# live-updated (every ordinary start) cost little more than the interpreter.  The others import
-# luo_systemd.varlink and service_manager, which keep to the C halves of json and socket
-# (tests/test_imports.py checks).
+# Imports beyond os and sys happen only where needed: "started" of a unit that was not live-updated (every
+# ordinary start) costs little more than the interpreter.  The others import luo_systemd.varlink and
+# service_manager, which keep to the C halves of json and socket (tests/test_imports.py checks).
 
 SOCKET = os.environ.get("LUOD_SOCKET", "/run/luod/liveupdate.sock")
 TIMEOUTS = {"stop": 120.0, "start": 30.0, "started": 30.0}  # preserving fills holes: big memfds take time
@@ -57,10 +58,10 @@ def stop(unit: str) -> str:
 
 
 def start(unit: str) -> str:
-    if os.environ.get("LIVEUPDATE_RESTORED") != "1":
-        return f"{unit} was not live-updated"
     with client(TIMEOUTS["start"]) as luod:
         reply, fds = luod.call("Retrieve", {"unit": unit})
+    if not fds:
+        return f"nothing was restored for {unit}"
     try:
         named = list(zip(reply["names"], fds))
         push_to_fd_store(named)
