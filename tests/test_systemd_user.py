@@ -117,6 +117,8 @@ def test_live_update_under_systemd(tmp_path: Path, machines: tuple[Emulator, lis
     assert "ExecStartPre=-" in dropin and "NotifyAccess=exec" in dropin
     before = first.demo()
     assert before["restored"] is False and before["live_update"] is False
+    # A user manager cannot tell whether a live update came before: luo-hook start asks luod.
+    assert first.manager.wait_for_entry("nothing was restored for luo-demo-cache.service", timeout=10)
 
     # An agent crash loses nothing: systemd restarts it and hands its fd store back.
     os.kill(first.manager.main_pid("luod.service"), signal.SIGKILL)

@@ -26,8 +26,8 @@ from luo_systemd.policy import DROPIN, Policy, parse_policy
 from luo_systemd.state import NoFdStore
 
 # Everything up to READY=1 keeps to modules that load fast (tests/test_imports.py checks the list):
-# after a live update every restored unit waits for what comes first, luod's first answer or READY=1.  What
-# only serves afterwards is imported there.
+# after a live update every restored unit waits for luod's first answers.  What only serves afterwards is
+# imported there.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
