@@ -95,7 +95,7 @@ def unit_dropin(unit: UnitFiles, files: Sequence[UnitLines], policy: Policy, hoo
         *ordering,
         "",
         "[Service]",
-        "# The ExecStartPre= hook pushes restored fds into this unit's fd store.",
+        "# luo-hook start (ExecStartPre=, in a boot after a live update) pushes restored fds into the fd store.",
         f"NotifyAccess={notify_access}",
         f"FileDescriptorStoreMax={fd_max}",
         f"EnvironmentFile=-{ENV_DIR}/%n",
