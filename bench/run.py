@@ -146,12 +146,7 @@ class Bed:
 def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
     hook = hook_command().split()  # as the generator's drop-ins run it
     env = {k: v for k, v in os.environ.items() if k not in ("LIVEUPDATE_RESTORED", "NOTIFY_SOCKET")}
-    rows = [
-        (
-            "luo-hook started, ordinary start",
-            *paired(functools.partial(run, [*hook, "started", "x.service"], env), pairs),
-        )
-    ]
+    rows: list[tuple[str, float, float]] = []
     bed = Bed(directory)
     try:
         bed.agent.opt_in("x.service", "[X-LiveUpdate]\n")
@@ -161,6 +156,12 @@ def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
             (
                 "luo-hook stop, luod running, nothing to do",
                 *paired(functools.partial(run, [*hook, "stop", "x.service"], luod), pairs),
+            )
+        )
+        rows.append(
+            (
+                "luo-hook started (luo-finish@), luod running, nothing to finish",
+                *paired(functools.partial(run, [*hook, "started", "x.service"], luod), pairs),
             )
         )
         rows.append(

@@ -82,10 +82,11 @@ def test_kexec_handover_boot_from_the_setup_data(tmp_path: Path) -> None:
     assert not generator.kexec_handover_boot({"SYSTEMD_VIRTUALIZATION": "vm:qemu"}, str(none))
 
 
-def test_only_a_boot_after_a_live_update_asks_luod_before_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_a_boot_after_a_live_update_runs_the_restore_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Restore=auto: the unit never waits for luod's READY=1, only for its socket; luo-hook start asks luod
     what was restored (the call waits in the socket) in a boot that may follow a live update, and no
-    process runs before the start in any other boot."""
+    process runs before the start in any other boot.  Finish=auto: luo-finish@ is pulled in, outside the
+    unit's start (no ExecStartPost=), in that boot only."""
     monkeypatch.chdir(TOP)
     units = generator.collect_units(INPUT)
     after_kexec = generator.plan(units, 262, handed_over=True).files["demo.service.d/50-liveupdate.conf"]
@@ -94,9 +95,37 @@ def test_only_a_boot_after_a_live_update_asks_luod_before_the_start(monkeypatch:
         lines = dropin.splitlines()
         assert "After=luod.socket" in lines and "Wants=luod.service" in lines, dropin
         assert "After=luod.service" not in lines, dropin
-    hook = "ExecStartPre=-/usr/bin/luo-hook start %n"
-    assert hook in after_kexec.splitlines() and hook not in cold
-    assert cold == after_kexec.replace(hook + "\n", ""), "the same drop-in less the hook"
+        assert not [line for line in lines if line.startswith("ExecStartPost=")], dropin
+    hook = "ExecStartPre=-/usr/bin/luo-hook start %n\n"
+    finisher = after_kexec[after_kexec.index("# Finishes") : after_kexec.index("Wants=luo-finish@%n.service\n") + 28]
+    assert hook in after_kexec and finisher in after_kexec
+    assert cold == after_kexec.replace(hook, "").replace(finisher, ""), "the same drop-in less the hooks"
+
+
+def test_the_finisher_runs_the_hook_once_the_unit_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(TOP)
+    unit = generator.plan(generator.collect_units(INPUT), 262).files["luo-finish@.service"].splitlines()
+    assert {"Requires=%i", "After=%i", "ConditionPathExists=/run/luod/env/%i", "Type=oneshot"} <= set(unit)
+    assert "ExecStart=-/usr/bin/luo-hook started %i" in unit
+    assert not [line for line in unit if line.startswith(("User=", "DynamicUser="))], "root may finish any unit"
+
+
+@pytest.mark.parametrize(
+    ("name", "section", "finisher", "post"),
+    [
+        ("a.service", "Finish=explicit", False, False),  # the service calls Finish itself
+        ("a" * 228 + ".service", "", True, False),  # luo-finish@ + 236 characters + .service: 255
+        ("a" * 229 + ".service", "", False, True),  # one more is not a unit name: the unit finishes itself
+        ("t" * 230 + "@.service", "", True, False),  # a template: its instances' names are not known here
+    ],
+    ids=["explicit", "longest", "too-long", "template"],
+)
+def test_who_finishes_a_unit(tmp_path: Path, name: str, section: str, finisher: bool, post: bool) -> None:
+    (tmp_path / name).write_text(f"[Service]\nExecStart=/bin/true\n[X-LiveUpdate]\n{section}\n")
+    dropin = generator.plan(generator.collect_units([str(tmp_path)]), 262).files[f"{name}.d/50-liveupdate.conf"]
+    lines = dropin.splitlines()
+    assert ("Wants=luo-finish@%n.service" in lines) is finisher, dropin
+    assert ("ExecStartPost=-/usr/bin/luo-hook started %n" in lines) is post, dropin
 
 
 @pytest.mark.parametrize(("restore", "waits_after_kexec"), [("explicit", True), ("early", False)])
@@ -157,6 +186,8 @@ def test_units_and_generated_dropins_verify(tmp_path: Path) -> None:
         "demo.service",
         "qemu@vm1.service",
         "vendor.service",
+        "luo-finish@demo.service.service",
+        "luo-finish@qemu@vm1.service.service",
     ):
         proc = subprocess.run(
             ["systemd-analyze", "verify", "--man=no", unit], env=env, capture_output=True, text=True, check=False

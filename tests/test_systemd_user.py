@@ -19,6 +19,9 @@ from tests.harness import Emulator, python_path, with_package_dirs
 from tests.sdmanager import UserManager, available
 
 TOP = Path(__file__).resolve().parent.parent
+DEMO = "luo-demo-cache.service"
+FINISHER = f"luo-finish@{DEMO}.service"
+FAIL = "/run/luo-demo/fail-the-start"
 
 pytestmark = pytest.mark.skipif(not available()[0], reason=f"skipped because {available()[1]}")
 
@@ -38,7 +41,9 @@ def setup_dirs(tmp: Path) -> tuple[Path, Path]:
     demo = (TOP / "demo" / "luo-demo-cache.service").read_text()
     demo = demo.replace(
         "ExecStart=/usr/local/bin/luo-demo-cache",
-        f"Environment=DEMO_CACHE_MB=8\nExecStart={TOP / 'demo' / 'luo-demo-cache'}",
+        f"Environment=DEMO_CACHE_MB=8\nExecStart={TOP / 'demo' / 'luo-demo-cache'}\n"
+        # A start that fails after the service is up (READY=1), while FAIL exists: its restore stays open.
+        f"ExecStartPost=/bin/sh -c '! test -e {FAIL}'",
     )
     (units / "luo-demo-cache.service").write_text(demo)
     generators = tmp / "generators"
@@ -115,10 +120,16 @@ def test_live_update_under_systemd(tmp_path: Path, machines: tuple[Emulator, lis
         ["cat", "/run/user/0/systemd/generator/luo-demo-cache.service.d/50-liveupdate.conf"], check=True
     ).stdout
     assert "ExecStartPre=-" in dropin and "NotifyAccess=exec" in dropin
+    assert "Wants=luo-finish@%n.service" in dropin and "ExecStartPost=" not in dropin
     before = first.demo()
     assert before["restored"] is False and before["live_update"] is False
-    # A user manager cannot tell whether a live update came before: luo-hook start asks luod.
+    # A user manager cannot tell whether a live update came before: luo-hook start asks luod, and
+    # luo-finish@ is pulled in, but runs nothing: luod has no environment file for the demo.
     assert first.manager.wait_for_entry("nothing was restored for luo-demo-cache.service", timeout=10)
+    assert first.manager.show(FINISHER, "ConditionResult", "ExecMainPID") == {
+        "ConditionResult": "no",
+        "ExecMainPID": "0",
+    }
 
     # An agent crash loses nothing: systemd restarts it and hands its fd store back.
     os.kill(first.manager.main_pid("luod.service"), signal.SIGKILL)
@@ -142,13 +153,23 @@ def test_live_update_under_systemd(tmp_path: Path, machines: tuple[Emulator, lis
     made.append(second)
     second.start(agent=False)  # as after a kexec: the demo starts beside luod (After=luod.socket)
     assert second.manager.show("luod.service", "ActiveState") == {"ActiveState": "inactive"}
-    after = second.demo()
+    # A start that fails does not finish the live update: luo-finish@ fails with it, unrun.
+    second.manager.run(["sh", "-c", f"mkdir -p {os.path.dirname(FAIL)} && touch {FAIL}"], check=True)
+    assert second.manager.systemctl("start", DEMO, check=False).returncode != 0
+    unrun = {"ActiveState": "inactive", "ExecMainPID": "0"}
+    assert second.manager.show(FINISHER, "ActiveState", "ExecMainPID") == unrun
+    pending = second.call("Status")
+    assert pending["phase"] == "restored" and [u["finished"] for u in pending["units"]] == [False], pending
+    second.manager.run(["rm", FAIL], check=True)
+    after = second.demo()  # Restart= would do the same: the restored memfd is still luod's to hand over
     assert after["restored"] is True, "the main process got the memfd in LISTEN_FDNAMES=cache"
     assert after["live_update"] is True and after["live_update_count"] == 1, "LIVEUPDATE_RESTORED=1, COUNT=1"
     assert after["sha256"] == before["sha256"]
     assert after["counter_at_start"] > before["counter_at_start"]
+    # The demo was reported started at its READY=1; luo-finish@ then finished its live update.
+    assert second.manager.wait_for_entry("finished the live update of luo-demo-cache.service", unit=FINISHER)
+    assert second.manager.show(FINISHER, "Result", "ExecMainStatus") == {"Result": "success", "ExecMainStatus": "0"}
     status = second.call("Status")
-    assert status["phase"] == "idle" and status["live_update_count"] == 1, "ExecStartPost= finished the session"
-    hook_lines = [line for line in second.manager.journal("luo-demo-cache.service") if "luo-hook" in line]
+    assert status["phase"] == "idle" and status["live_update_count"] == 1, status
+    hook_lines = [line for line in second.manager.journal(DEMO) if "luo-hook" in line]
     assert any("handed 1 restored fd(s) to luo-demo-cache.service: cache" in line for line in hook_lines), hook_lines
-    assert any("finished the live update of luo-demo-cache.service" in line for line in hook_lines), hook_lines

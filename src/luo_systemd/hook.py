@@ -6,7 +6,9 @@
   from luod, if any, and pushes them into the unit's own fd store (FDSTORE=1), so the main process receives
   them in LISTEN_FDS/LISTEN_FDNAMES.  It asks whatever its environment says: the unit is ordered after
   luod's socket only, so it may start before luod has written its environment file.
-- ``started`` (ExecStartPost=): finishes the unit's restore (unless the unit finishes explicitly).
+- ``started`` (luo-finish@UNIT.service, which runs once the unit has started, in a boot after a live update
+  and only while luod has the unit's environment file): finishes the unit's restore (unless the unit
+  finishes explicitly).
 
 Thin and idempotent, stdlib only (no asyncio, no D-Bus: it runs on the blackout path for every unit), and it
 never holds up a start or a shutdown: when there is nothing to do or luod is unreachable, it logs one line
@@ -24,9 +26,8 @@ if TYPE_CHECKING:
 
     from luo_systemd.varlink import Client
 
-# Imports beyond os and sys happen only where needed: "started" of a unit that was not live-updated (every
-# ordinary start) costs little more than the interpreter.  The others import luo_systemd.varlink and
-# service_manager, which keep to the C halves of json and socket (tests/test_imports.py checks).
+# Imports beyond os and sys happen only where needed: luo_systemd.varlink and service_manager, which keep to
+# the C halves of json and socket (tests/test_imports.py checks).
 
 SOCKET = os.environ.get("LUOD_SOCKET", "/run/luod/liveupdate.sock")
 TIMEOUTS = {"stop": 120.0, "start": 30.0, "started": 30.0}  # preserving fills holes: big memfds take time
@@ -72,8 +73,6 @@ def start(unit: str) -> str:
 
 
 def started(unit: str) -> str:
-    if os.environ.get("LIVEUPDATE_RESTORED") != "1":
-        return f"{unit} was not live-updated"
     with client(TIMEOUTS["started"]) as luod:
         finished = luod.call("Finish", {"unit": unit})[0]["finished"]
     return f"finished the live update of {unit}" if finished else f"{unit} had nothing to finish"

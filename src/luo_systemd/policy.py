@@ -30,7 +30,7 @@ class PreserveAt(Choice):  # not enum.Enum: see luo_systemd.records
 
 
 class FinishMode(Choice):
-    AUTO = "auto"  # luo-hook started finishes the unit's session once the service is up
+    AUTO = "auto"  # luo-finish@UNIT.service finishes the unit's session once the service is up
     EXPLICIT = "explicit"  # the service calls Finish itself after its own restore steps
 
 

@@ -2,7 +2,7 @@
 
 At start-up after a live update luod writes what the manifest carried (``last_update_file``, in /run: it
 belongs to this boot).  verify compares it with luod's status: a unit has its fds back once its restore
-finished (the ExecStartPost hook, or the unit itself with Finish=explicit); it is pending until then, failed
+finished (luo-finish@UNIT.service, or the unit itself with Finish=explicit); it is pending until then, failed
 if luod could not restore it, discarded if it never came back.  Counters are named like systemd 262's
 ``KexecsCount``.
 """
