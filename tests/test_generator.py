@@ -96,8 +96,8 @@ def test_only_a_boot_after_a_live_update_runs_the_restore_hooks(monkeypatch: pyt
         assert "After=luod.socket" in lines and "Wants=luod.service" in lines, dropin
         assert "After=luod.service" not in lines, dropin
         assert not [line for line in lines if line.startswith("ExecStartPost=")], dropin
-    hook = "ExecStartPre=-/usr/bin/luo-hook start %n\n"
-    finisher = after_kexec[after_kexec.index("# Finishes") : after_kexec.index("Wants=luo-finish@%n.service\n") + 28]
+    hook, wants = "ExecStartPre=-/usr/bin/luo-hook start %n\n", "Wants=luo-finish@%n.service\n"
+    finisher = after_kexec[after_kexec.index("# Finishes") : after_kexec.index(wants) + len(wants)]  # and its comment
     assert hook in after_kexec and finisher in after_kexec
     assert cold == after_kexec.replace(hook, "").replace(finisher, ""), "the same drop-in less the hooks"
 

@@ -166,9 +166,12 @@ def test_live_update_under_systemd(tmp_path: Path, machines: tuple[Emulator, lis
     assert after["live_update"] is True and after["live_update_count"] == 1, "LIVEUPDATE_RESTORED=1, COUNT=1"
     assert after["sha256"] == before["sha256"]
     assert after["counter_at_start"] > before["counter_at_start"]
-    # The demo was reported started at its READY=1; luo-finish@ then finished its live update.
+    # luo-finish@ finished the demo's live update, after the demo's start job (not within it).
     assert second.manager.wait_for_entry("finished the live update of luo-demo-cache.service", unit=FINISHER)
-    assert second.manager.show(FINISHER, "Result", "ExecMainStatus") == {"Result": "success", "ExecMainStatus": "0"}
+    finisher = second.manager.show(FINISHER, "Result", "ExecMainStatus", "ExecMainStartTimestampMonotonic")
+    assert (finisher["Result"], finisher["ExecMainStatus"]) == ("success", "0"), finisher
+    started = second.manager.show(DEMO, "ActiveEnterTimestampMonotonic")["ActiveEnterTimestampMonotonic"]
+    assert 0 < int(started) < int(finisher["ExecMainStartTimestampMonotonic"]), (started, finisher)
     status = second.call("Status")
     assert status["phase"] == "idle" and status["live_update_count"] == 1, status
     hook_lines = [line for line in second.manager.journal(DEMO) if "luo-hook" in line]
