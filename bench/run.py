@@ -145,7 +145,7 @@ class Bed:
 
 def hook_figures(directory: Path, pairs: int) -> list[tuple[str, float, float]]:
     hook = hook_command().split()  # as the generator's drop-ins run it
-    env = {k: v for k, v in os.environ.items() if k not in ("LIVEUPDATE_RESTORED", "NOTIFY_SOCKET")}
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     rows: list[tuple[str, float, float]] = []
     bed = Bed(directory)
     try:
