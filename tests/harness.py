@@ -4,6 +4,7 @@ processes placed in cgroups that look like units (so the agent derives their uni
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -288,10 +289,24 @@ def luod_command(dirs: Optional[list[str]] = None) -> list[str]:
     return [sys.executable, *arguments]
 
 
+F_DUPFD_QUERY = 1027  # Linux 6.10: fcntl(a, F_DUPFD_QUERY, b) is 1 when a and b are the same open file
+
+
+def same_open_file(a: int, b: int) -> bool:
+    """systemd's same_fd(): whether two fds are one open file description (a dup of each other).  Kernels
+    before 6.10 cannot tell without kcmp(); there the sink keeps every fd (test_systemd_user has systemd's
+    own fd store)."""
+    try:
+        return fcntl.fcntl(a, F_DUPFD_QUERY, b) == 1
+    except OSError:
+        return False
+
+
 class NotifySink:
     """Receives luod's sd_notify messages (READY=1, STATUS=, FDSTORE=1 with fds): the part of a service
     manager the agent talks to when no real one runs.  Messages are kept; fds are closed, unless a
-    ``fdstore`` is given: then it keeps them by FDNAME= and honours FDSTOREREMOVE=1, as systemd does."""
+    ``fdstore`` is given: then it keeps them by FDNAME= and honours FDSTOREREMOVE=1, as systemd does, and
+    like systemd (service_add_fd_store) it drops a pushed fd that is an open file it already keeps."""
 
     def __init__(self, path: Path, fdstore: Optional[dict[str, int]] = None) -> None:
         self.path = path
@@ -315,7 +330,8 @@ class NotifySink:
             if not data and not fds:  # shut down, and every queued message handled
                 return
             fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
-            if self.fdstore is not None and fields.get("FDSTORE") == "1" and len(fds) == 1:
+            keeping = self.fdstore is not None and fields.get("FDSTORE") == "1" and len(fds) == 1
+            if keeping and not any(same_open_file(fds[0], kept) for kept in self.fdstore.values()):
                 self.fdstore[fields["FDNAME"]] = fds.pop()
             if self.fdstore is not None and fields.get("FDSTOREREMOVE") == "1":
                 old = self.fdstore.pop(fields["FDNAME"], None)

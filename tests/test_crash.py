@@ -1,15 +1,18 @@
 """Crash consistency (docs/crash-consistency.md): luod SIGKILLed at every step boundary of store, remove,
-preserve, the kexec, restore and finish loses nothing acknowledged and always starts again.
+preserve, the kexec, restore, storing back a restored fd and finish loses nothing acknowledged and always
+starts again.
 
 luod counts its step boundaries (``broker.crash_point``); with LUOD_CRASH_AT=N it kills itself at the Nth.
 The test first counts the boundaries of a scenario, then runs it once per boundary.  The harness plays the
-service manager's fd store: it keeps what luod pushes (FDSTORE=1) and hands it back on restart.
+service manager's fd store: it keeps what luod pushes (FDSTORE=1), dropping an open file it keeps already as
+systemd does, and hands it back on restart.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,6 +33,21 @@ def store(name: str, content: bytes, unit: str = "demo.service") -> Step:
             agent.call("Store", {"unit": unit, "names": [name]}, [fd])
         finally:
             os.close(fd)
+
+    return run
+
+
+def store_back(name: str, unit: str = "demo.service") -> Step:
+    """The unit stores again the restored fd luod handed it, the same open file (as the demo and luo-qemu
+    do after a live update)."""
+
+    def run(agent: Agent, emulator: Emulator) -> None:
+        _, fds = agent.call("Retrieve", {"unit": unit, "names": [name]})
+        try:
+            agent.call("Store", {"unit": unit, "names": [name]}, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     return run
 
@@ -144,10 +162,16 @@ class Run:
             return  # luod started again: that is all this window allows (docs/crash-consistency.md)
         for unit, names in held.items():
             assert self.contents(unit) == names, (unit, self.agent.log.read_text())
+        self.step(store_back("a"))
         for unit in held:
             self.step(call("Finish", {"unit": unit}))
         for unit, names in held.items():  # finished: carried forward as stored fds
             assert sorted(contents(self.agent, unit)) == sorted(names)
+        self.agent.stop(signal.SIGKILL)  # and a crash after it all recovers them from the fd store
+        self.agent.env = {}
+        self.agent.start()
+        for unit, names in held.items():
+            assert sorted(contents(self.agent, unit)) == sorted(names), (unit, self.agent.log.read_text())
         last = json.loads((self.dir / "last-update.json").read_text())  # for liveupdatectl verify, crash or not
         assert last["units"] == {unit: len(names) for unit, names in held.items()}, last
         assert "Traceback" not in self.agent.log.read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -428,6 +429,36 @@ def test_store_refuses_what_preserve_would_refuse(agent: Agent) -> None:
     out = agent.run_as("other.service", code, uid=NOBODY)
     # The kernel preserves a read-only reopen (tests/contract/test_rules.py); an O_PATH fd it cannot see.
     assert "o_path refused" in out.stdout and "read_only stored" in out.stdout, out.stdout + out.stderr
+
+
+def test_what_a_unit_stores_twice_survives_an_agent_crash(agent_unstarted: Agent) -> None:
+    """systemd keeps one copy of an open file in a fd store and drops a second push of it.  A unit that
+    stores an open file luod keeps already (a dup of what it stored, a session luod made for it) must not
+    leave luod's state naming an fd its store dropped: a SIGKILLed luod then recovers what it held."""
+    agent_unstarted.fdstore = {}  # kept and handed back, with systemd's rule (tests/harness.py NotifySink)
+    agent_unstarted.start()
+    code = """
+    c = varlink.Client(sock)
+    fd = os.memfd_create("cache", os.MFD_CLOEXEC)
+    os.write(fd, b"data")
+    c.call("Store", {"names": ["a"]}, [fd])
+    c.call("Store", {"names": ["b"]}, [os.dup(fd)])
+    c.call("Store", {"names": ["a"]}, [fd])
+    _, session = c.call("CreateSession", {"name": "s"})
+    try:
+        c.call("Store", {"names": ["s"]}, session)
+        print("session stored")
+    except errors.InvalidFd as e:
+        print("session refused:", e)
+    """
+    out = agent_unstarted.run_as("other.service", code, uid=NOBODY)
+    assert "session refused: Refusing to store 's' of other.service: the agent holds LUO session" in out.stdout, (
+        out.stdout + out.stderr
+    )
+    agent_unstarted.stop(signal.SIGKILL)
+    agent_unstarted.start()
+    listing, _ = agent_unstarted.call("List", {"unit": "other.service"})
+    assert sorted(f["name"] for f in listing["fds"]) == ["a", "b"], agent_unstarted.log.read_text()
 
 
 # -- disclosure and input validation

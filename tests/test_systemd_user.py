@@ -176,3 +176,10 @@ def test_live_update_under_systemd(tmp_path: Path, machines: tuple[Emulator, lis
     assert status["phase"] == "idle" and status["live_update_count"] == 1, status
     hook_lines = [line for line in second.manager.journal(DEMO) if "luo-hook" in line]
     assert any("handed 1 restored fd(s) to luo-demo-cache.service: cache" in line for line in hook_lines), hook_lines
+
+    # The demo stored its restored memfd again (the same open file luod handed it): an agent crash after the
+    # restore loses nothing either.  systemd keeps one copy of an open file in a fd store and suppresses a
+    # second push of it (service_add_fd_store), so luod must not push a file it holds again under a new key.
+    os.kill(second.manager.main_pid("luod.service"), signal.SIGKILL)
+    second.manager.systemctl("start", "luod.service")
+    assert [(f["name"], f["state"]) for f in second.call("List", {"unit": DEMO})["fds"]] == [("cache", "stored")]

@@ -160,12 +160,13 @@ class Broker:
         in the manifest.  Kept as their problems in ``problems``, which the snapshot holds."""
         return frozenset(p.unit for p in self.problems if p.left_out)
 
-    def _hold(self, fd: OwnedFd) -> Held:
-        """Takes ``fd`` over, mirrored in the fd store under a new key; if that fails, ``fd`` is still the
-        caller's to close."""
+    def _hold(self, fd: OwnedFd, copy: Optional[int] = None) -> Held:
+        """Takes ``fd`` over, mirrored in the fd store under a new key (``copy``, if given, is what the fd
+        store gets: another open file of the same file); if that fails, ``fd`` is still the caller's to
+        close."""
         self._next_key += 1
         key = f"{HELD_KEY_PREFIX}{self._next_key}"
-        self.fdstore.keep(key, fd.fileno())
+        self.fdstore.keep(key, fd.fileno() if copy is None else copy)
         held = Held.take(fd, key)
         crash_point("kept " + held.key)
         return held
@@ -239,6 +240,10 @@ class Broker:
                     journal.REFUSED, f"Refused '{name}' of {unit}: {e}", unit=unit, fdname=name, level=journal.WARNING
                 )
                 raise InvalidFd(f"Refusing to store {name!r} of {unit}: {e}") from None
+            if kind is FdKind.SESSION and (self._holds_session(session) or any(p[3] == session for p in probed)):
+                raise InvalidFd(
+                    f"Refusing to store {name!r} of {unit}: the agent holds LUO session {session!r} already"
+                )
             probed.append((name, fd, kind, session))
         added = sum(1 for p in probed if state is None or p[0] not in state.stored)
         if (len(state.stored) if state else 0) + added > policy.fd_max:
@@ -258,7 +263,7 @@ class Broker:
         before = dict(state.stored)
         for name, fd, kind, session in probed:
             state.stored.pop(name, None)
-            state.stored[name] = Entry(name, kind, state.next_order, self._hold(fd), session)
+            state.stored[name] = Entry(name, kind, state.next_order, self._hold_received(fd, kind), session)
             state.next_order += 1
         if policy.preserve_at is PreserveAt.STORE:
             if any(name in state.preserved for name, *_ in probed):
@@ -279,6 +284,33 @@ class Broker:
                 self._release(old.held)
             journal.event(journal.STORED, f"Stored {kind.value} '{name}' of {unit}", unit=unit, fdname=name)
         self._changed(unit)
+
+    def _hold_received(self, fd: OwnedFd, kind: FdKind) -> Held:
+        """A client's fd, held: a memfd is mirrored in the fd store as a new open file of its own.  The
+        client's open file may be one the fd store has already (the unit stores back what luod handed it
+        after a live update, or a dup of what it stored), and systemd keeps one copy of an open file: it
+        would drop the push, and the fd with its key when the older entry is released."""
+        if kind is not FdKind.MEMFD:
+            return self._hold(fd)  # a session: never one luod holds (``_holds_session``)
+        copy = os.open(
+            f"/proc/self/fd/{fd.fileno()}", (fcntl.fcntl(fd.fileno(), fcntl.F_GETFL) & os.O_ACCMODE) | os.O_CLOEXEC
+        )
+        try:
+            return self._hold(fd, copy)
+        finally:
+            os.close(copy)
+
+    def _holds_session(self, name: str) -> bool:
+        """Whether ``name`` is a LUO session luod holds: one of its own ('luod', 'luod/...': the manifest,
+        the units' sessions and their client sessions) or one a unit stored.  Storing it again would store
+        the same open file twice (see ``_hold_received``)."""
+        if name == names.MANIFEST_SESSION or name.startswith(names.SESSION_PREFIX):
+            return True
+        return any(
+            e.kind is FdKind.SESSION and e.session == name
+            for state in self.units.values()
+            for e in itertools.chain(state.stored.values(), state.restored.values())
+        )
 
     def remove(self, caller: Caller, unit: str, fd_names: list[str]) -> None:
         unit = authz.authorize(caller, unit)
