@@ -41,6 +41,9 @@ BENCH_READY_TIMEOUT = 600.0
 # Rounds of preserve and restore against the raw operations, up to 1,000 fds and above (~10 s a round at
 # 10,000 fds): single rounds' ratios at 10,000 ranged 1.46-2.25 here, within one run.
 ROUNDS, ROUNDS_LARGE = 7, 5
+# At 100 fds a round is ~0.1 s and the raw restore ~10 ms, within the jitter of the two luod starts the row
+# subtracts: single rounds ranged 1.1-3.4x here, and medians of 7 rounds 1.6-2.5x over six runs.
+ROUNDS_SMALL = 31
 
 
 def wall_ms(action: Callable[[], object]) -> float:
@@ -320,7 +323,7 @@ def scale_figures(directory: Path, fds: int) -> tuple[list[tuple[str, float, flo
         bed.store(units)
         holding = rss_kib(bed.agent.proc.pid)
         rounds: dict[str, list[tuple[float, float]]] = {"preserve": [], "restore": [], "work": []}
-        for _ in range(ROUNDS if fds <= 1000 else ROUNDS_LARGE):
+        for _ in range(ROUNDS_SMALL if fds <= 100 else ROUNDS if fds <= 1000 else ROUNDS_LARGE):
             raw_preserve, raw_restore = raw_figures(bed.emulator, count)
             bed.emulator.load()  # outside the timing, as in raw_figures
             preserve = wall_ms(lambda: bed.preserve(units))

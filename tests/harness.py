@@ -324,18 +324,18 @@ class NotifySink:
     def _run(self) -> None:
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 16)
+                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 253)
             except OSError:
                 return
             if not data and not fds:  # shut down, and every queued message handled
                 return
             fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
-            keeping = self.fdstore is not None and fields.get("FDSTORE") == "1" and len(fds) == 1
-            if keeping and not any(same_open_file(fds[0], kept) for kept in self.fdstore.values()):
-                self.fdstore[fields["FDNAME"]] = fds.pop()
+            if self.fdstore is not None and fields.get("FDSTORE") == "1":
+                for fd in fds:
+                    if not any(same_open_file(fd, kept) for named in self.fdstore.values() for kept in named):
+                        self.fdstore.setdefault(fields["FDNAME"], []).append(os.dup(fd))
             if self.fdstore is not None and fields.get("FDSTOREREMOVE") == "1":
-                old = self.fdstore.pop(fields["FDNAME"], None)
-                if old is not None:
+                for old in self.fdstore.pop(fields["FDNAME"], []):
                     os.close(old)
             for fd in fds:
                 os.close(fd)
@@ -403,7 +403,7 @@ class Agent:
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.spawned_at = 0.0  # time.perf_counter() as the last start spawned luod
         self.log = directory / "luod.log"
-        self.fdstore: Optional[dict[str, int]] = None  # a dict: luod's fd store is kept and handed back
+        self.fdstore: Optional[dict[str, list[int]]] = None  # a dict: luod's fd store is kept and handed back
         self.env: dict[str, str] = {}  # extra environment for luod
         self.command = luod_command()  # what runs as luod, before --config
 
@@ -421,7 +421,7 @@ class Agent:
         # argv[0] '@luod', as luod.service sets it for systemd-shutdown's kill exemption.
         *python, program = self.command
         executable, argv = python[0], ["@luod", *python[1:], SOFT_NOFILE_1024 + program, "--config", str(self.config)]
-        kept = sorted(self.fdstore.items()) if self.fdstore else []
+        kept = [(k, fd) for k, named in sorted(self.fdstore.items()) for fd in named] if self.fdstore else []
         if kept:  # handed back as systemd does: fds 3.. with LISTEN_FDNAMES, LISTEN_PID of luod itself
             env["LISTEN_FDNAMES"] = ":".join(k for k, _ in kept)
             fds = ",".join(str(fd) for _, fd in kept)
@@ -454,9 +454,16 @@ class Agent:
 
     def cleanup(self) -> None:
         self.stop()
-        for fd in (self.fdstore or {}).values():
-            os.close(fd)
+        self.lose_fdstore()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def lose_fdstore(self) -> None:
+        """The machine went down, and luod's fd store with it: what it kept is closed (a kept one is empty)."""
+        for named in (self.fdstore or {}).values():
+            for fd in named:
+                os.close(fd)
+        if self.fdstore is not None:
+            self.fdstore = {}
 
     def call(
         self,

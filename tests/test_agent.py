@@ -283,9 +283,7 @@ def test_a_unit_with_a_problem_is_left_out_and_the_others_go_ahead(agent_unstart
     kexec = emulator.live_update()
     assert sorted(kexec["carried"]) == ["luod", "luod/other.service"], kexec  # type: ignore[arg-type]
     agent.stop()
-    for fd in agent.fdstore.values():  # the machine went down, and luod's fd store with it
-        os.close(fd)
-    agent.fdstore = {}
+    agent.lose_fdstore()  # the machine went down, and luod's fd store with it
     agent.start()
     status, _ = agent.call("Status")
     assert [u["unit"] for u in status["units"]] == ["other.service"] and status["problems"] == []

@@ -68,6 +68,7 @@ BEFORE_KEXEC: list[tuple[str, Step, dict[str, dict[str, bytes]]]] = [
     ("store c (preserved at once)", store("c", b"C1", "other.service"), {"other.service": {"c": b"C1"}}),
     ("replace a", store("a", b"A2"), {"demo.service": {"a": b"A2", "b": b"B1"}}),
     ("remove b", call("Remove", {"unit": "demo.service", "names": ["b"]}), {"demo.service": {"a": b"A2"}}),
+    ("store d", store("d", b"D1"), {"demo.service": {"a": b"A2", "d": b"D1"}}),
     ("replace c", store("c", b"C2", "other.service"), {"other.service": {"c": b"C2"}}),
     ("arm", arm, {}),
     ("preserve demo", call("Preserve", {"unit": "demo.service"}), {}),
@@ -151,9 +152,7 @@ class Run:
                 assert sorted(contents(self.agent, unit)) == sorted(names), (unit, self.agent.log.read_text())
         self.emulator.kexec()  # the machine goes down: luod and its fd store with it
         self.agent.stop()
-        for fd in self.agent.fdstore.values() if self.agent.fdstore else ():
-            os.close(fd)
-        self.agent.fdstore = {}
+        self.agent.lose_fdstore()
         self.agent.env = self.crash_env if self.phase == "after" else {}
         self.agent.start(wait=False)
         if not self.agent.notify.ready.wait(10):
@@ -162,7 +161,7 @@ class Run:
             return  # luod started again: that is all this window allows (docs/crash-consistency.md)
         for unit, names in held.items():
             assert self.contents(unit) == names, (unit, self.agent.log.read_text())
-        self.step(store_back("a"))
+        self.step(store_back("a"))  # at its Finish, "d" (restored with "a" in one push) gets a key of its own
         for unit in held:
             self.step(call("Finish", {"unit": unit}))
         for unit, names in held.items():  # finished: carried forward as stored fds

@@ -137,9 +137,7 @@ def test_luod_reaches_ready_without_its_serving_modules(tmp_path: Path, emulator
         assert agent.call("Preserve", {"unit": "demo.service"})[0] == {"preserved": 1}
         emulator.kexec()
         agent.stop()
-        for kept in agent.fdstore.values():  # the machine went down with the fd store
-            os.close(kept)
-        agent.fdstore = {}
+        agent.lose_fdstore()  # the machine went down with the fd store
         assert "luo_systemd.verify" not in ready_modules("restore"), "the last update is written after READY=1"
         assert agent.call("Status")[0]["phase"] == "restored"
         assert json.loads((tmp_path / "last-update.json").read_text())["units"] == {"demo.service": 1}

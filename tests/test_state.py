@@ -20,7 +20,7 @@ from luo_systemd.ownedfd import OwnedFd
 from luo_systemd.policy import Policy, parse_policy
 from luo_systemd.state import RECORD_HEADER, STATE_KEY_PREFIX, decode, read_all, replay
 from tests.contract.scenarios import memfd
-from tests.harness import Emulator, restore
+from tests.harness import Emulator, close_held, restore
 
 ROOT = Caller(uid=0, pid=os.getpid(), unit=None)
 POLICY = parse_policy(["[X-LiveUpdate]\nFileDescriptorMax=64\n"])
@@ -31,23 +31,29 @@ class DictFdStore:
     """What systemd's fd store does with FDSTORE=1 and FDSTOREREMOVE=1, and what was written to it."""
 
     def __init__(self) -> None:
-        self.fds: dict[str, int] = {}
+        self.fds: dict[str, list[int]] = {}
 
-    def keep(self, key: str, fd: int) -> None:
-        self.fds[key] = os.dup(fd)
+    def keep(self, key: str, *fds: int) -> None:
+        self.fds.setdefault(key, []).extend(os.dup(fd) for fd in fds)
 
     def drop(self, key: str) -> None:
-        os.close(self.fds.pop(key))
+        for fd in self.fds.pop(key):
+            os.close(fd)
 
     def log(self) -> tuple[str, bytes]:
         """The newest log: its key and its bytes."""
         keys = [k for k in self.fds if k.startswith(STATE_KEY_PREFIX)]
         assert len(keys) == 1, keys  # a log leaves the store once its successor is in it
-        return keys[0], read_all(self.fds[keys[0]], state.LOG_MAX)
+        return keys[0], read_all(self.fds[keys[0]][0], state.LOG_MAX)
+
+    def handed_back(self) -> dict[str, list[int]]:
+        """Copies of what it keeps, as systemd hands its fd store to a restarted service."""
+        return {k: [os.dup(fd) for fd in fds] for k, fds in self.fds.items()}
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+        for fds in self.fds.values():
+            for fd in fds:
+                os.close(fd)
 
 
 @pytest.fixture
@@ -153,9 +159,9 @@ def test_compaction_starts_a_new_log_and_recovery_reads_it(
         assert len(data) <= 2 * max(len(data[: records(data)[0][1]]), state.COMPACT_FLOOR) + 4096
     assert len(keys) > 2, "compacted more than once"
     kept = DictFdStore()  # luod restarted: systemd keeps its fd store and hands luod copies
-    kept.fds = {k: os.dup(fd) for k, fd in fdstore.fds.items()}
+    kept.fds = fdstore.handed_back()
     again = broker(emulator, kept, tmp_path)
-    assert again.recover({k: os.dup(fd) for k, fd in kept.fds.items()})
+    assert again.recover(kept.handed_back())
     assert kept.log()[0] not in keys, "recovery starts a new log"
     listing = again.list_fds(ROOT, "a.service")
     assert sorted(f.name for f in listing) == sorted(f"f{i}" for i in range(40))
@@ -221,6 +227,40 @@ def test_the_manifest_is_records_and_restores_whole(emulator: Emulator, fdstore:
     os.close(got["mem"])
 
 
+def test_restored_memfds_are_one_push_and_a_release_splits_it(
+    emulator: Emulator, fdstore: DictFdStore, tmp_path: Path
+) -> None:
+    """A unit's restored memfds enter the fd store in one push, under one name; a restarted luod tells them
+    apart by inode.  Releasing one (Remove) gives the others keys of their own (new open files: systemd
+    keeps an open file once) before the name leaves the fd store, and a restart finds each by its content."""
+    b = broker(emulator, fdstore, tmp_path, AT_STORE)
+    for name in ("a", "b", "c"):
+        store_one(b, "x.service", name, name.upper().encode())
+    emulator.live_update()
+    after_store = DictFdStore()
+    after = broker(emulator, after_store, tmp_path / "after", AT_STORE)
+    restore(after)
+    (group,) = [key for key, fds in after_store.fds.items() if len(fds) == 3]
+    assert after.finish(ROOT, "x.service")
+
+    def contents_after_a_restart() -> dict[str, bytes]:
+        kept = DictFdStore()  # luod restarted: systemd keeps its fd store and hands luod copies
+        kept.fds = after_store.handed_back()
+        again = broker(emulator, kept, tmp_path / "again", AT_STORE)
+        assert again.recover(kept.handed_back())
+        got = {n: os.pread(e.held.fd, 1, 0) for n, e in again.units["x.service"].stored.items()}
+        close_held(again)
+        kept.close()
+        return got
+
+    assert contents_after_a_restart() == {"a": b"A", "b": b"B", "c": b"C"}
+    after.remove(ROOT, "x.service", ["b"])
+    assert group not in after_store.fds and all(len(fds) == 1 for fds in after_store.fds.values())
+    assert contents_after_a_restart() == {"a": b"A", "c": b"C"}
+    close_held(after)
+    after_store.close()
+
+
 def test_a_failed_manifest_record_leaves_no_manifest_until_written_whole(
     emulator: Emulator, fdstore: DictFdStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -276,9 +316,9 @@ def test_the_limit_in_all_is_counted_through_every_change(
     refused(b, "e.service", "m0")
 
     kept = DictFdStore()  # luod restarted on its fd store: the count is rebuilt from the recovered state
-    kept.fds = {k: os.dup(fd) for k, fd in fdstore.fds.items()}
+    kept.fds = fdstore.handed_back()
     again = limited(kept, tmp_path)
-    assert again.recover({k: os.dup(fd) for k, fd in kept.fds.items()})
+    assert again.recover(kept.handed_back())
     refused(again, "e.service", "m0")
     again.remove(ROOT, "d.service", ["k0"])
     store_one(again, "e.service", "m0")

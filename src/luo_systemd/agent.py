@@ -31,6 +31,7 @@ from luo_systemd.state import NoFdStore
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Sequence
     from typing import Callable, Optional
 
     from luo_systemd.dbus_service import AgentBus
@@ -44,25 +45,27 @@ VARLINK_FDNAME = "varlink"  # FileDescriptorName= of luod.socket
 METRICS_COALESCE_SEC = 0.5
 BUS_RETRY_SEC = 1.0
 BUS_WAIT_SEC = 300
+SCM_MAX_FD = 253  # the kernel's limit of fds in one message
 
 
 class SystemdFdStore:
-    """Our own fd store: each fd is pushed with FDSTORE=1, FDNAME=key and FDPOLL=0 (session fds of the
-    emulator are sockets that may report POLLHUP; systemd would drop them).  One socket to $NOTIFY_SOCKET
-    serves luod's life: ``service_manager.send``, like sd_notify(), makes one per message, and a restore pushes
-    a message per fd."""
+    """Our own fd store: fds are pushed with FDSTORE=1, FDNAME=key and FDPOLL=0 (session fds of the
+    emulator are sockets that may report POLLHUP; systemd would drop them), at most SCM_MAX_FD to a message
+    (systemd takes up to 768).  One socket to $NOTIFY_SOCKET serves luod's life: ``service_manager.send``,
+    like sd_notify(), makes one per message, and a restore pushes a message per unit."""
 
     def __init__(self) -> None:
         self.sock: Optional[_socket.socket] = None  # connected at the first message, and anew after a failure
 
-    def keep(self, key: str, fd: int) -> None:
-        if not self._send(f"FDSTORE=1\nFDNAME={key}\nFDPOLL=0", [fd]):
-            log.warning("Could not keep %s in the fd store: an agent crash would lose it", key)
+    def keep(self, key: str, *fds: int) -> None:
+        for i in range(0, len(fds), SCM_MAX_FD):
+            if not self._send(f"FDSTORE=1\nFDNAME={key}\nFDPOLL=0", fds[i : i + SCM_MAX_FD]):
+                log.warning("Could not keep %s in the fd store: an agent crash would lose it", key)
 
     def drop(self, key: str) -> None:
         self._send(f"FDSTOREREMOVE=1\nFDNAME={key}", [])
 
-    def _send(self, message: str, fds: list[int]) -> bool:
+    def _send(self, message: str, fds: Sequence[int]) -> bool:
         for _ in range(2):  # the second time on a new socket: the manager's may be a new one (re-executed)
             try:
                 if self.sock is None:
@@ -200,7 +203,7 @@ def start(cfg: config.Config) -> tuple[Broker, int, Optional[Manifest]]:
         store,
         BrokerConfig(max_fds_total=cfg.max_fds_total, busy_retries=cfg.busy_retries, env_dir=cfg.env_dir),
     )
-    kept = {key: fdl[0] for key, fdl in fds.items() if key.startswith("luod-")}
+    kept = {key: fdl for key, fdl in fds.items() if key.startswith("luod-")}
     manifest = None
     if not broker.recover(kept):  # no fd store handed back: a fresh start, perhaps after a live update
         try:

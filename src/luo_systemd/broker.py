@@ -42,6 +42,7 @@ from luo_systemd.records import Choice, NamedTuple
 from luo_systemd.state import (
     HELD_KEY_PREFIX,
     LOG_MAX,
+    MEMBER_SEP,
     STATE_KEY_PREFIX,
     Entry,
     Globals,
@@ -136,6 +137,8 @@ class Broker:
         self._next_key = 0
         self._log = StateLog(store)
         self._dirty: set[str] = set()  # units changed since the state was last logged
+        self._groups: dict[str, str] = {}  # fd store names holding several memfds (_hold_all): their unit
+        self._splitting: set[str] = set()  # those of them whose member was released since the last log
         self._counted: dict[str, int] = {}  # stored fds per unit, as last counted (``_count_stored``)
         self._stored_total = 0  # their sum, for max_fds_total
         self.last_try = True  # set by when_free: a busy device is reported rather than raised
@@ -160,24 +163,71 @@ class Broker:
         in the manifest.  Kept as their problems in ``problems``, which the snapshot holds."""
         return frozenset(p.unit for p in self.problems if p.left_out)
 
-    def _hold(self, fd: OwnedFd, copy: Optional[int] = None) -> Held:
-        """Takes ``fd`` over, mirrored in the fd store under a new key (``copy``, if given, is what the fd
-        store gets: another open file of the same file); if that fails, ``fd`` is still the caller's to
-        close."""
+    def _new_key(self) -> str:
         self._next_key += 1
-        key = f"{HELD_KEY_PREFIX}{self._next_key}"
-        self.fdstore.keep(key, fd.fileno() if copy is None else copy)
+        return f"{HELD_KEY_PREFIX}{self._next_key}"
+
+    def _hold(self, fd: OwnedFd) -> Held:
+        """Takes ``fd`` over, mirrored in the fd store under a new key; if that fails, ``fd`` is still the
+        caller's to close."""
+        key = self._new_key()
+        self.fdstore.keep(key, fd.fileno())
         held = Held.take(fd, key)
         crash_point("kept " + held.key)
         return held
 
+    def _hold_all(self, unit: str, fds: list[OwnedFd]) -> list[Held]:
+        """Takes over memfds luod retrieved for ``unit``, mirrored in the fd store with one push under one
+        new name: each is the member 'NAME/INODE' (after a crash the fds of a name are told apart by inode).
+        A push per unit rather than per fd: each costs luod a message and the service manager a wakeup, on
+        the way to the unit's Retrieve.  The release of a member takes the whole name out of the fd store
+        (``_split``)."""
+        group = self._new_key()
+        inodes = [os.fstat(fd.fileno()).st_ino for fd in fds]
+        self.fdstore.keep(group, *(fd.fileno() for fd in fds))
+        crash_point("kept " + group)
+        self._groups[group] = unit
+        return [Held.take(fd, f"{group}{MEMBER_SEP}{inode}") for fd, inode in zip(fds, inodes)]
+
+    def _mirror(self, fd: int) -> str:
+        """Pushes a new open file of the memfd ``fd`` to the fd store, under a new key which it returns.
+        systemd keeps one copy of an open file in a fd store and drops a second push of it: the open file
+        ``fd`` may be there already (see ``_hold_received``, ``_split``)."""
+        key = self._new_key()
+        copy = os.open(f"/proc/self/fd/{fd}", (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE) | os.O_CLOEXEC)
+        try:
+            self.fdstore.keep(key, copy)
+        finally:
+            os.close(copy)
+        crash_point("kept " + key)
+        return key
+
     def _release(self, held: Optional[Held]) -> None:
         """Closes our fd; its copy leaves the fd store only once a change that no longer names it is logged
-        (invariant 1 of crash recovery)."""
+        (invariant 1 of crash recovery).  A member's name leaves whole, once its other members have been
+        mirrored anew (``_split``)."""
         if held is not None:
             os.close(held.fd)
-            if held.key:
+            if held.key != held.store_key:
+                self._splitting.add(held.store_key)
+            elif held.key:
                 self._log.retired.append(held.key)
+
+    def _split(self) -> None:
+        """Before a change is logged: each name a released member had leaves the fd store, and the members
+        still held get a key of their own first (as new open files: the name's copies are our open files).
+        A member is released when its unit removes, replaces or discards it: rare, and bounded by what the
+        unit holds."""
+        for group in list(self._splitting):
+            unit = self._groups[group]
+            state = self.units.get(unit)
+            for entry in itertools.chain(state.stored.values(), state.restored.values()) if state else ():
+                if entry.held.store_key == group:
+                    entry.held = Held(entry.held.fd, self._mirror(entry.held.fd))
+                    self._dirty.add(unit)
+            del self._groups[group]  # only now: a failed _mirror leaves the rest for the next change's log
+            self._splitting.discard(group)
+            self._log.retired.append(group)
 
     def _outgoing(self, fd: int) -> Held:
         """An outgoing session luod creates itself (a unit's, or the manifest's): not mirrored in the fd
@@ -292,13 +342,7 @@ class Broker:
         would drop the push, and the fd with its key when the older entry is released."""
         if kind is not FdKind.MEMFD:
             return self._hold(fd)  # a session: never one luod holds (``_holds_session``)
-        copy = os.open(
-            f"/proc/self/fd/{fd.fileno()}", (fcntl.fcntl(fd.fileno(), fcntl.F_GETFL) & os.O_ACCMODE) | os.O_CLOEXEC
-        )
-        try:
-            return self._hold(fd, copy)
-        finally:
-            os.close(copy)
+        return Held.take(fd, self._mirror(fd.fileno()))
 
     def _holds_session(self, name: str) -> bool:
         """Whether ``name`` is a LUO session luod holds: one of its own ('luod', 'luod/...': the manifest,
@@ -813,14 +857,19 @@ class Broker:
 
     def _restore_memfds(self, carried: CarriedUnit) -> None:
         state = self.units[carried.unit]
+        memfds = [fd for fd in carried.fds if fd.kind is FdKind.MEMFD]
+        got: list[OwnedFd] = []
+        failed: Optional[Exception] = None
         try:
-            for fd in carried.fds:
-                if fd.kind is FdKind.MEMFD:
-                    assert state.in_session is not None
-                    got = self.backend.retrieve_fd(state.in_session.fd, fd.token)
-                    state.restored[fd.name] = Entry(fd.name, fd.kind, fd.order, self._hold(OwnedFd(got)))
+            for fd in memfds:
+                assert state.in_session is not None
+                got.append(OwnedFd(self.backend.retrieve_fd(state.in_session.fd, fd.token)))
         except (KernelError, OSError) as e:
-            self._lost(carried.unit, e)
+            failed = e  # what came back is held all the same
+        for fd, held in zip(memfds, self._hold_all(carried.unit, got) if got else ()):
+            state.restored[fd.name] = Entry(fd.name, fd.kind, fd.order, held)
+        if failed is not None:
+            self._lost(carried.unit, failed)
             return
         journal.event(
             journal.RESTORED,
@@ -872,6 +921,7 @@ class Broker:
     # -- surviving an agent crash: a log of the state in the fd store, next to the fds (state.py)
 
     def _save_state(self) -> None:
+        self._split()
         self._next_key += 1  # the key of a new log, if this change starts one
         globals_ = Globals(self._next_key, self.armed, self.update_count, self.manifest_session)
         key = f"{STATE_KEY_PREFIX}{self._next_key}"
@@ -890,33 +940,43 @@ class Broker:
             if now:
                 self._counted[unit] = now
 
-    def recover(self, fds: dict[str, int]) -> bool:
-        """Rebuilds the state from the fds systemd handed back (LISTEN_FDNAMES).  False if there was no
-        log: then the incoming sessions among the fds (a predecessor crashed while restoring) are kept
-        for ``restore``, by name."""
+    def recover(self, fds: dict[str, list[int]]) -> bool:
+        """Rebuilds the state from the fds systemd handed back (LISTEN_FDNAMES, by name).  False if there
+        was no log: then the incoming sessions among the fds (a predecessor crashed while restoring) are
+        kept for ``restore``, by name."""
         states = sorted(
             (k for k in fds if k.startswith(STATE_KEY_PREFIX)), key=lambda k: int(k[len(STATE_KEY_PREFIX) :])
         )
         if not states:
-            for key, fd in fds.items():
-                try:
-                    self._retrieved[self.backend.session_name(fd).decode()] = fd
+            for key, kept in fds.items():
+                sessions = 0
+                for fd in kept:
+                    try:
+                        self._retrieved[self.backend.session_name(fd).decode()] = fd
+                        sessions += 1
+                    except (KernelError, UnicodeDecodeError):
+                        os.close(fd)
+                if sessions:
                     self._log.retired.append(key)  # held again under a new key by restore
-                except (KernelError, UnicodeDecodeError):
+                else:
                     self.fdstore.drop(key)
-                    os.close(fd)
             return False
-        got = held_state.decode(read_all(fds[states[-1]], LOG_MAX), fds)
-        used = got.used | {states[-1]}
+        log_fd = fds[states[-1]][0]
+        got = held_state.decode(read_all(log_fd, LOG_MAX), fds)
         self._next_key, self.armed, self.update_count = got.next_key, got.armed, got.update_count
         self.manifest_session, self.problems, self.units = got.manifest_session, got.problems, got.units
         self._count_stored(self.units)
-        self._log.adopt(Held(fds[states[-1]], states[-1]))
-        for key, fd in fds.items():
-            if key not in used:  # older logs, or fds pushed just before a crash
+        self._log.adopt(Held(log_fd, states[-1]))
+        held = [h for state in self.units.values() for h in state.held()]
+        self._groups = {h.store_key: s.unit for s in self.units.values() for h in s.held() if h.key != h.store_key}
+        named = {log_fd, *(h.fd for h in held), *([self.manifest_session.fd] if self.manifest_session else [])}
+        for key, kept in fds.items():
+            if key not in got.used and key != states[-1]:  # older logs, or fds pushed just before a crash
                 self.fdstore.drop(key)
-                os.close(fd)
-        log.info("Recovered the agent's state from its fd store: %d unit(s), %d fd(s)", len(self.units), len(used) - 1)
+            for fd in kept:
+                if fd not in named:
+                    os.close(fd)
+        log.info("Recovered the agent's state from its fd store: %d unit(s), %d fd(s)", len(self.units), len(held))
         self._recreate_outgoing(got.preserved_units)
         return True
 

@@ -5,7 +5,8 @@ in luod's own systemd fd store under its key, next to a memfd holding the state'
 The invariants, which the crash test (tests/test_crash.py) checks at every step boundary:
 
 1. Logged before release: a change is in the log in the fd store before an fd it no longer names leaves
-   the fd store.  So the newest log in the fd store finds every fd its state names.
+   the fd store.  So the newest log in the fd store finds every fd its state names.  A unit's restored
+   memfds share one name in the fd store (one push); they are told apart by inode (``Held.store_key``).
 2. Outgoing sessions are derived state: the sessions luod creates itself (``luod/UNIT``, the manifest's
    ``luod``) are not mirrored (key "").  Their names must be free to create them again, and the kernel
    preserves a file in one session only.  A crash closes them; recovery creates them again from the state.
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 STATE_VERSION = 2
 STATE_KEY_PREFIX = "luod-state-"
 HELD_KEY_PREFIX = "luod-fd-"
+MEMBER_SEP = "/"  # the key of an fd pushed with others: 'GROUP/INODE' (Broker._hold_all)
 RECORD_HEADER = struct.Struct("<II")  # payload length, CRC-32 of the payload
 COMPACT_FLOOR = 64 << 10  # a log this small is never compacted: appends to it are cheap either way
 LOG_MAX = 2 * MAX_SIZE + 2 * COMPACT_FLOOR  # a log is compacted before it doubles its snapshot
@@ -64,7 +66,7 @@ if TYPE_CHECKING:  # typing costs luod's start-up (see the classes below); a Pro
     class FdStore(Protocol):
         """The agent's own systemd fd store (FDSTORE=1 / FDSTOREREMOVE=1)."""
 
-        def keep(self, key: str, fd: int) -> None: ...
+        def keep(self, key: str, *fds: int) -> None: ...
 
         def drop(self, key: str) -> None: ...
 
@@ -72,7 +74,7 @@ if TYPE_CHECKING:  # typing costs luod's start-up (see the classes below); a Pro
 class NoFdStore:
     """When the agent runs without a service manager: nothing survives an agent crash."""
 
-    def keep(self, key: str, fd: int) -> None:
+    def keep(self, key: str, *fds: int) -> None:
         pass
 
     def drop(self, key: str) -> None:
@@ -84,7 +86,8 @@ class NoFdStore:
 
 
 class Held(NamedTuple):
-    """An fd the broker owns, mirrored in the fd store under ``key`` ("": an outgoing session, not mirrored)."""
+    """An fd the broker owns, mirrored in the fd store under ``key`` ("": an outgoing session, not mirrored;
+    'GROUP/INODE': one of several memfds pushed under the fd store name GROUP, told apart by inode)."""
 
     fd: int
     key: str
@@ -93,6 +96,11 @@ class Held(NamedTuple):
     def take(cls, fd: OwnedFd, key: str) -> Held:
         """Takes ``fd`` over from whoever received it: from here on the broker closes it."""
         return cls(fd.detach(), key)
+
+    @property
+    def store_key(self) -> str:
+        """The name it has in the fd store."""
+        return self.key.partition(MEMBER_SEP)[0]
 
 
 class Entry:
@@ -280,18 +288,28 @@ def _typed(value: Any, kind: type) -> Any:
     return value
 
 
-def decode(data: bytes, fds: dict[str, int]) -> Recovered:
-    """The log ``data`` replayed, with the fds its state names from ``fds`` (the fd store, by key)."""
+def decode(data: bytes, fds: dict[str, list[int]]) -> Recovered:
+    """The log ``data`` replayed, with the fds its state names from ``fds`` (the fd store, by name: a
+    group's members are told apart by inode)."""
     doc = replay(data)
     used: set[str] = set()
+    members: dict[str, dict[int, int]] = {}  # group -> inode -> fd
 
     def held(key: Any) -> Optional[Held]:
         if key is None:
             return None
-        if _typed(key, str) not in fds:
+        group, _, inode = _typed(key, str).partition(MEMBER_SEP)
+        if group not in fds:
             raise BadManifest(f"the fd store lost {key}")
-        used.add(key)
-        return Held(fds[key], key)
+        used.add(group)
+        if not inode:
+            return Held(fds[group][0], key)
+        if group not in members:
+            members[group] = {os.fstat(fd).st_ino: fd for fd in fds[group]}
+        fd = members[group].get(int(inode)) if inode.isdigit() else None
+        if fd is None:
+            raise BadManifest(f"the fd store lost {key}")
+        return Held(fd, key)
 
     def entry(d: Any) -> Entry:
         h = held(_typed(d, dict)["key"])
