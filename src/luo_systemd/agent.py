@@ -214,12 +214,15 @@ def start(cfg: config.Config) -> tuple[Broker, int, Optional[Manifest]]:
 
 
 def record_last_update(cfg: config.Config, manifest: Manifest) -> None:
-    """What the manifest carried, for ``liveupdatectl verify``: after READY=1 (no unit waits for it), still
-    within the restore, so that an agent that crashes before it is written restores again and writes it."""
+    """What the manifest carried, for ``liveupdatectl verify``: at the restore's last step (``Broker.at_end``),
+    once the units' fds are back (no unit waits for it), and before the manifest's session is finished, so
+    that an agent that crashes before it is written restores again and writes it."""
     from luo_systemd.verify import last_update_of, write_last_update  # noqa: PLC0415 - after live updates only
 
-    log.info("Live update %d: restoring %d unit(s)", manifest.update_count, len(manifest.units))
-    write_last_update(cfg.last_update_file, last_update_of(manifest))
+    try:
+        write_last_update(cfg.last_update_file, last_update_of(manifest))
+    except OSError as e:  # the restore goes on: only verify's record of it is missing
+        log.warning("Could not record live update %d for liveupdatectl verify: %s", manifest.update_count, e)
 
 
 def preflight(cfg: config.Config, broker: Broker) -> Loader:
@@ -576,7 +579,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     service_manager.send(f"READY=1\nSTATUS=Phase {broker.phase.value}, {len(broker.units)} unit(s), backend {backend}")
     log.info("luod ready (backend %s, phase %s)", backend, broker.phase.value)
     if manifest is not None:
-        record_last_update(cfg, manifest)
+        log.info("Live update %d: restoring %d unit(s)", manifest.update_count, len(manifest.units))
+        broker.at_end = lambda: record_last_update(cfg, manifest)
     from luo_systemd.varlink_service import VarlinkService  # noqa: PLC0415 - after READY=1
 
     varlink = VarlinkService(

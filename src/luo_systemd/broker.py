@@ -145,6 +145,7 @@ class Broker:
         self._retrieved: dict[str, int] = {}  # incoming sessions a crashed predecessor retrieved, by name
         self._incoming: Optional[Held] = None  # the manifest's session while the restore is under way
         self._pending: dict[str, CarriedUnit] = {}  # units whose memfds it has not restored yet
+        self.at_end: Callable[[], None] = lambda: None  # the restore's last step, before the manifest's FINISH
         self._kernel = os.uname().release  # in every manifest record: asked once, it does not change
 
     # -- bookkeeping
@@ -817,6 +818,7 @@ class Broker:
         if self._pending:
             self._restore_memfds(self._pending.pop(next(iter(self._pending))))
             return
+        self.at_end()
         incoming, self._incoming = self._incoming, None
         assert incoming is not None
         self.manifest_session = incoming
