@@ -3,6 +3,7 @@ processes placed in unit cgroups."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 
 from luo_systemd import errors
 from luo_systemd.agent import config_arguments
+from luo_systemd.inhibitor import until_change_or_recheck
 from tests.contract.scenarios import PAGE, digest, memfd, pattern
 from tests.harness import NOBODY, Agent, DBusDaemon, Emulator, UnitTree
 
@@ -325,3 +327,29 @@ def test_a_config_option_without_a_file_is_refused_by_argparse(capsys: pytest.Ca
     with pytest.raises(SystemExit) as stop:
         config_arguments(["--config", "-x"])
     assert stop.value.code == 2 and "expected one argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spins", range(5))
+def test_a_task_waiting_for_changes_ends_when_cancelled_as_a_change_comes(spins: int) -> None:
+    """luod's periodic tasks (the metrics, the shutdown block) loop on "a change or RECHECK_SEC"; at SIGTERM
+    they are cancelled.  A cancellation a few loop turns after a change must end the task: with
+    asyncio.wait_for, Python 3.11 swallowed it for 0-2 turns (gh-86296), and luod never exited."""
+
+    async def scenario() -> bool:
+        changed = asyncio.Event()
+
+        async def periodic() -> None:
+            while True:
+                changed.clear()
+                await until_change_or_recheck(changed)
+
+        task = asyncio.ensure_future(periodic())
+        await asyncio.sleep(0.01)
+        changed.set()
+        for _ in range(spins):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        return task in done and task.cancelled()
+
+    assert asyncio.run(scenario())

@@ -486,10 +486,9 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
     """Rewrites the metrics textfile at every change of luod's state, and every RECHECK_SEC for what luod is
     not told about (memory, a kernel loaded or unloaded).  It never opens /dev/liveupdate (Broker.summary)."""
     import asyncio  # noqa: PLC0415 - after READY=1 (see main)
-    import contextlib  # noqa: PLC0415 - asyncio's own import
 
     from luo_systemd import metrics  # noqa: PLC0415
-    from luo_systemd.inhibitor import RECHECK_SEC, recheck  # noqa: PLC0415 - imports asyncio
+    from luo_systemd.inhibitor import recheck, until_change_or_recheck  # noqa: PLC0415 - imports asyncio
     from luo_systemd.verify import read_last_update  # noqa: PLC0415
 
     writer = metrics.TextfileWriter(cfg.metrics_file)
@@ -499,8 +498,7 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
         changed.clear()
         if not os.path.isdir(os.path.dirname(cfg.metrics_file)):  # no textfile collector here: no work at all
             await asyncio.sleep(METRICS_COALESCE_SEC)  # nor a wake-up per change in a burst of them
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), RECHECK_SEC)
+            await until_change_or_recheck(changed)
             continue
         status = wire(broker.summary())  # the Status method's wire form, which verify reads
         last = read_last_update(cfg.last_update_file)
@@ -523,8 +521,7 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
             log.warning("Failed to write %s: %s", cfg.metrics_file, e)
         # A sample looks at every unit: a burst of changes (a Preserve per stopping unit) makes one.
         await asyncio.sleep(METRICS_COALESCE_SEC)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(changed.wait(), RECHECK_SEC)
+        await until_change_or_recheck(changed)
 
 
 def activated_or_bound(fds: Optional[list[int]], path: str) -> int:
