@@ -308,7 +308,7 @@ class NotifySink:
     ``fdstore`` is given: then it keeps them by FDNAME= and honours FDSTOREREMOVE=1, as systemd does, and
     like systemd (service_add_fd_store) it drops a pushed fd that is an open file it already keeps."""
 
-    def __init__(self, path: Path, fdstore: Optional[dict[str, int]] = None) -> None:
+    def __init__(self, path: Path, fdstore: Optional[dict[str, list[int]]] = None) -> None:
         self.path = path
         self.fdstore = fdstore
         if path.exists():
