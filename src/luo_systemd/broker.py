@@ -969,9 +969,9 @@ class Broker:
         self.manifest_session, self.problems, self.units = got.manifest_session, got.problems, got.units
         self._count_stored(self.units)
         self._log.adopt(Held(log_fd, states[-1]))
-        held = [h for state in self.units.values() for h in state.held()]
-        self._groups = {h.store_key: s.unit for s in self.units.values() for h in s.held() if h.key != h.store_key}
-        named = {log_fd, *(h.fd for h in held), *([self.manifest_session.fd] if self.manifest_session else [])}
+        held = [(s.unit, h) for s in self.units.values() for h in s.held()]
+        self._groups = {h.store_key: unit for unit, h in held if h.key != h.store_key}
+        named = {log_fd, *(h.fd for _, h in held), *([self.manifest_session.fd] if self.manifest_session else [])}
         for key, kept in fds.items():
             if key not in got.used and key != states[-1]:  # older logs, or fds pushed just before a crash
                 self.fdstore.drop(key)
