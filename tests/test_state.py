@@ -227,6 +227,35 @@ def test_the_manifest_is_records_and_restores_whole(emulator: Emulator, fdstore:
     os.close(got["mem"])
 
 
+def test_the_last_preserve_the_arm_awaits_writes_the_manifest_whole(
+    emulator: Emulator, fdstore: DictFdStore, tmp_path: Path
+) -> None:
+    """Units preserved as they stop: each Preserve appends a record, and the last one the arm expected (every
+    unit with stored fds) writes the manifest whole, one record for the next boot to read.  A Preserve after
+    it appends again (a whole manifest per Preserve would grow with the units)."""
+    b = broker(emulator, fdstore, tmp_path)
+    units = ("a.service", "b.service", "c.service")
+    for unit in units:
+        store_one(b, unit, "mem", unit.encode())
+    b.arm(ROOT, force=True)  # force: the agent under test is no '@' process
+    b.preserve(ROOT, "a.service")
+    b.preserve(ROOT, "b.service")
+    assert outgoing_files(emulator) == 2 + 2, "two memfds, a record per Preserve"
+    b.preserve(ROOT, "c.service")
+    assert outgoing_files(emulator) == 3 + 1, "the last awaited Preserve: one whole record"
+    b.preserve(ROOT, "a.service")  # a unit that stops again
+    assert outgoing_files(emulator) == 3 + 2
+    emulator.live_update()
+    after = broker(emulator, DictFdStore(), tmp_path / "after")
+    manifest = restore(after)
+    assert manifest is not None and sorted(u.unit for u in manifest.units) == list(units)
+    for unit in units:
+        (name, fd), *_ = after.retrieve(ROOT, unit, [], 10)
+        assert (name, os.pread(fd, 16, 0)) == ("mem", unit.encode())
+        os.close(fd)
+    close_held(after)
+
+
 def test_restored_memfds_are_one_push_and_a_release_splits_it(
     emulator: Emulator, fdstore: DictFdStore, tmp_path: Path
 ) -> None:

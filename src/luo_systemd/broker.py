@@ -132,6 +132,10 @@ class Broker:
         self._manifest_tokens = 0  # records in the manifest session luod created
         self._carrying: set[str] = set()  # the units those records carry
         self._manifest_synced = False  # whether they (or no session) are what the state carries
+        # Units the arm expects a Preserve from: the one that empties it writes the manifest whole, one record
+        # for the next boot to read rather than one per unit.  A hint only (a crash forgets it): any Preserve
+        # outside it appends a record, as before.
+        self._awaiting: set[str] = set()
         self.problems: list[Problem] = []  # found at restore time, shown in status
         self.listeners: list[Callable[[], None]] = []  # called after every change
         self._next_key = 0
@@ -482,7 +486,9 @@ class Broker:
         if not self.armed or state is None or not state.stored or unit in self.left_out:
             return len(state.preserved) if state else 0
         self._preserve_unit(state, self._policy(unit))
-        self._write_manifest(unit)
+        last = unit in self._awaiting and len(self._awaiting) == 1
+        self._awaiting.discard(unit)
+        self._write_manifest(*(() if last else (unit,)))
         self._changed(unit)
         return len(state.preserved)
 
@@ -553,9 +559,9 @@ class Broker:
 
     def _write_manifest(self, *units: str) -> None:
         """Brings the manifest session 'luod' up to date.  With ``units`` (all that changed): one record of
-        theirs at the next token (manifest.py).  Without, once the records outnumber twice the units carried
-        (plus a floor), or after a failure: a new session whose token 0 is the whole manifest, so that a
-        change costs what changed, amortised.  None carried: no session."""
+        theirs at the next token (manifest.py).  Without (the arm, its last awaited Preserve), once the records
+        outnumber twice the units carried (plus a floor), or after a failure: a new session whose token 0 is
+        the whole manifest, so that a change costs what changed, amortised.  None carried: no session."""
         if units and self._manifest_synced:
             left_out = self.left_out
             record = tuple(c for c in (self._carried(u, left_out) for u in units) if c)
@@ -691,6 +697,8 @@ class Broker:
             if unit in self.units:
                 self._drop_out_session(self.units[unit])  # PreserveAt=store preserved it already
         self._write_manifest()
+        left_out = self.left_out
+        self._awaiting = {s.unit for s in self.units.values() if s.stored and s.unit not in left_out}
         self._changed()
         log.info("Live update armed: units are preserved as they stop")
         return problems
@@ -701,6 +709,7 @@ class Broker:
         if not self.armed:
             raise WrongPhase("No live update is under way")
         self.armed = False
+        self._awaiting.clear()
         left_out, self.problems = self.left_out, refusing(self.problems)
         for state in self.units.values():
             policy = self.policy_of(state.unit)
