@@ -138,7 +138,7 @@ def test_luod_reaches_ready_without_its_serving_modules(tmp_path: Path, emulator
         emulator.kexec()
         agent.stop()
         agent.lose_fdstore()  # the machine went down with the fd store
-        assert "luo_systemd.verify" not in ready_modules("restore"), "the last update is written after READY=1"
+        assert "luo_systemd.runfiles" not in ready_modules("restore"), "the last update is written after READY=1"
         assert agent.call("Status")[0]["phase"] == "restored"
         assert json.loads((tmp_path / "last-update.json").read_text())["units"] == {"demo.service": 1}
         assert agent.proc is not None  # and its event loop has loaded (Status waits for it), without OpenSSL:

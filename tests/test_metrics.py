@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from luo_systemd.metrics import Sample, TextfileWriter, render
-from luo_systemd.verify import LastUpdate
+from luo_systemd.runfiles import LastUpdate
 
 STATUS = {
     "phase": "restored",

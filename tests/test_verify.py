@@ -7,7 +7,8 @@ from typing import Any
 
 from luo_systemd.errors import ExitCode
 from luo_systemd.manifest import CarriedFd, CarriedUnit, FdKind, Manifest
-from luo_systemd.verify import Verdict, format_verdict, last_update_of, read_last_update, verify, write_last_update
+from luo_systemd.runfiles import last_update_of, read_last_update, write_last_update
+from luo_systemd.verify import Verdict, format_verdict, verify
 
 MANIFEST = Manifest(
     3,

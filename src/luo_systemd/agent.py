@@ -215,9 +215,9 @@ def start(cfg: config.Config) -> tuple[Broker, int, Optional[Manifest]]:
 
 def record_last_update(cfg: config.Config, manifest: Manifest) -> None:
     """What the manifest carried, for ``liveupdatectl verify``: at the restore's last step (``Broker.at_end``),
-    once the units' fds are back (no unit waits for it), and before the manifest's session is finished, so
-    that an agent that crashes before it is written restores again and writes it."""
-    from luo_systemd.verify import last_update_of, write_last_update  # noqa: PLC0415 - after live updates only
+    once the units' fds are back (no Retrieve waits for it, every Finish does), and before the manifest's
+    session is finished, so that an agent that crashes before it is written restores again and writes it."""
+    from luo_systemd.runfiles import last_update_of, write_last_update  # noqa: PLC0415 - after live updates only
 
     try:
         write_last_update(cfg.last_update_file, last_update_of(manifest))
@@ -489,7 +489,7 @@ async def keep_metrics(broker: Broker, loader: Loader, cfg: config.Config, chang
 
     from luo_systemd import metrics  # noqa: PLC0415
     from luo_systemd.inhibitor import recheck, until_change_or_recheck  # noqa: PLC0415 - imports asyncio
-    from luo_systemd.verify import read_last_update  # noqa: PLC0415
+    from luo_systemd.runfiles import read_last_update  # noqa: PLC0415
 
     writer = metrics.TextfileWriter(cfg.metrics_file)
     policy_of = policy_reader(cfg.policy_dir)

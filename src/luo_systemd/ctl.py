@@ -28,7 +28,8 @@ from luo_systemd.kexec import (
     loader_for,
 )
 from luo_systemd.kexec_preflight import loaded_kernel_problems
-from luo_systemd.verify import Verdict, format_verdict, read_last_update, verify
+from luo_systemd.runfiles import read_last_update
+from luo_systemd.verify import Verdict, format_verdict, verify
 
 SYSTEMCTL_TIMEOUT_SEC = 30.0  # systemctl start --no-block only queues the job
 

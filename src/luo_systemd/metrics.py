@@ -13,8 +13,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
-from luo_systemd.runfiles import write_atomically
-from luo_systemd.verify import LastUpdate, Outcome, verify
+from luo_systemd.runfiles import LastUpdate, write_atomically
+from luo_systemd.verify import Outcome, verify
 
 PHASES = ("idle", "armed", "restored")
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import os
 
-from luo_systemd.varlink import dumps, loads  # json's C half: luod writes the last update before READY=1
+from luo_systemd.records import NamedTuple
+from luo_systemd.varlink import dumps, loads  # json's C half: json imports re
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from collections.abc import Mapping
+    from typing import Any, Optional
+
+    from luo_systemd.manifest import Manifest
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -34,3 +38,35 @@ def read_json(path: str) -> Any:
             return loads(f.read())
     except FileNotFoundError:
         return None
+
+
+# What the last live update carried, for ``liveupdatectl verify`` and the metrics: luod writes it at the end of
+# the restore, which every restored unit's Finish waits for (so here, not in luo_systemd.verify: its import
+# cost more than the write).
+class LastUpdate(NamedTuple):  # not a dataclass: see luo_systemd.records
+    update_count: int  # the manifest's: live updates behind this boot ("count" in the file)
+    previous_kernel: str
+    written_usec: int
+    units: Mapping[str, int]  # unit -> fds and sessions carried
+
+
+def last_update_of(manifest: Manifest) -> LastUpdate:
+    return LastUpdate(
+        manifest.update_count,
+        manifest.kernel,
+        manifest.written_usec,
+        {u.unit: len(u.fds) + len(u.client_sessions) for u in manifest.units},
+    )
+
+
+def write_last_update(path: str, last: LastUpdate) -> None:
+    doc = last._asdict()
+    doc["count"] = doc.pop("update_count")  # as luod always wrote it (tuple has a method named count)
+    write_json(path, doc)
+
+
+def read_last_update(path: str) -> Optional[LastUpdate]:
+    doc = read_json(path)
+    if doc is None:
+        return None
+    return LastUpdate(int(doc["count"]), str(doc["previous_kernel"]), int(doc["written_usec"]), dict(doc["units"]))

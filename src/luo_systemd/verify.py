@@ -1,7 +1,7 @@
 """``liveupdatectl verify``: did the last live update give every opted-in unit its fds back?
 
-At start-up after a live update luod writes what the manifest carried (``last_update_file``, in /run: it
-belongs to this boot).  verify compares it with luod's status: a unit has its fds back once its restore
+After a live update luod writes what the manifest carried (``last_update_file``, in /run: it belongs to
+this boot; ``runfiles.LastUpdate``).  verify compares it with luod's status: a unit has its fds back once its restore
 finished (luo-finish@UNIT.service, or the unit itself with Finish=explicit); it is pending until then, failed
 if luod could not restore it, discarded if it never came back.  Counters are named like systemd 262's
 ``KexecsCount``.
@@ -10,18 +10,17 @@ if luod could not restore it, discarded if it never came back.  Counters are nam
 from __future__ import annotations
 
 from luo_systemd.errors import ExitCode
-from luo_systemd.records import Choice, NamedTuple
-from luo_systemd.runfiles import read_json, write_json
+from luo_systemd.records import Choice
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any, Optional
 
-    from luo_systemd.manifest import Manifest
+    from luo_systemd.runfiles import LastUpdate
 
 
-class Outcome(Choice):  # not enum.Enum: luod writes the last update before READY=1
+class Outcome(Choice):
     RESTORED = "restored"  # the unit has its fds back and finished its restore
     PENDING = "pending"  # restored by luod, the unit has not finished (not started yet?)
     FAILED = "failed"  # luod could not restore it
@@ -42,35 +41,6 @@ class Verdict(Choice):
             Verdict.FAILED: ExitCode.FAILURE,
             Verdict.NONE: ExitCode.NOT_FOUND,
         }[self]
-
-
-class LastUpdate(NamedTuple):  # not a dataclass: luod writes it before READY=1 (see luo_systemd.records)
-    update_count: int  # the manifest's: live updates behind this boot ("count" in the file)
-    previous_kernel: str
-    written_usec: int
-    units: Mapping[str, int]  # unit -> fds and sessions carried
-
-
-def last_update_of(manifest: Manifest) -> LastUpdate:
-    return LastUpdate(
-        manifest.update_count,
-        manifest.kernel,
-        manifest.written_usec,
-        {u.unit: len(u.fds) + len(u.client_sessions) for u in manifest.units},
-    )
-
-
-def write_last_update(path: str, last: LastUpdate) -> None:
-    doc = last._asdict()
-    doc["count"] = doc.pop("update_count")  # as luod always wrote it (tuple has a method named count)
-    write_json(path, doc)
-
-
-def read_last_update(path: str) -> Optional[LastUpdate]:
-    doc = read_json(path)
-    if doc is None:
-        return None
-    return LastUpdate(int(doc["count"]), str(doc["previous_kernel"]), int(doc["written_usec"]), dict(doc["units"]))
 
 
 def verify(last: Optional[LastUpdate], status: Mapping[str, Any]) -> dict[str, Any]:
