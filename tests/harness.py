@@ -253,6 +253,7 @@ def restore(broker: Broker) -> Optional[Manifest]:
     manifest = broker.begin_restore()
     while broker.restoring:
         broker.restore_step()
+    broker.finish_manifest()
     return manifest
 
 

@@ -302,3 +302,43 @@ def test_after_a_kexec_the_memfds_follow_ready_those_asked_for_first(
             sock.close()
     finally:
         early.close()
+
+
+def test_the_manifest_is_finished_after_the_calls_the_restore_held(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The restore's end logs everything restored and releases the calls that waited for it; the incoming
+    manifest's session is FINISHed after their answers, once calls are quiet, still in the early phase."""
+    policies = {f"u{i}.service": Policy() for i in range(3)}  # preserved as they stop
+    before = Broker(emulator.backend, policies.get, NoFdStore(), BrokerConfig(env_dir=str(tmp_path / "env0")))
+    for unit in policies:
+        before.store(ROOT, unit, [("mem", OwnedFd(memfd("mem", unit.encode())))])
+    before.arm(ROOT, force=True)  # force: the agent under test is no '@' process
+    for unit in policies:
+        before.preserve(ROOT, unit)
+    emulator.live_update()
+    close_held(before)
+    finished: list[bytes] = []  # the sessions FINISHed, in order
+    real = emulator.backend.finish
+
+    def finish(session: int) -> None:
+        finished.append(emulator.backend.session_name(session))
+        real(session)
+
+    monkeypatch.setattr(emulator.backend, "finish", finish)
+    early = Early(tmp_path, emulator, policies)
+    try:
+        waiting = [connect(early.socket) for _ in range(2)]
+        for sock, unit in zip(waiting, policies):
+            send(sock, "Finish", {"unit": unit})  # both wait for the end of the restore
+        early.start()
+        for sock in waiting:
+            assert replies(sock, 1)[0][0] == {"parameters": {"finished": True}}
+            sock.close()
+        deadline = time.monotonic() + 10
+        while len(finished) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert finished == [b"luod/u0.service", b"luod/u1.service", b"luod"], finished
+        assert early.early and early.broker.manifest_session is None
+    finally:
+        early.close()

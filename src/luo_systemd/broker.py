@@ -148,6 +148,7 @@ class Broker:
         self.last_try = True  # set by when_free: a busy device is reported rather than raised
         self._retrieved: dict[str, int] = {}  # incoming sessions a crashed predecessor retrieved, by name
         self._incoming: Optional[Held] = None  # the manifest's session while the restore is under way
+        self._unfinished: Optional[Held] = None  # and after it, until finish_manifest
         self._pending: dict[str, CarriedUnit] = {}  # units whose memfds it has not restored yet
         self.at_end: Callable[[], None] = lambda: None  # the restore's last step, before the manifest's FINISH
         self._kernel = os.uname().release  # in every manifest record: asked once, it does not change
@@ -601,6 +602,8 @@ class Broker:
         self._manifest_synced = True
 
     def _drop_manifest(self) -> None:
+        if self.manifest_session is self._unfinished:
+            self._unfinished = None  # the incoming manifest's session, whose close is its FINISH
         self._release(self.manifest_session)
         self.manifest_session, self._manifest_tokens, self._carrying = None, 0, set()
         self._manifest_synced = False
@@ -823,21 +826,31 @@ class Broker:
         return self._incoming is not None
 
     def restore_step(self) -> None:
-        """The memfds of the next unit; once every unit has them, the end of the restore."""
+        """The memfds of the next unit; once every unit has them, the end of the restore: everything restored
+        is logged, and the calls that wait for it may run.  The manifest's session is finished after their
+        answers (``finish_manifest``)."""
         if self._pending:
             self._restore_memfds(self._pending.pop(next(iter(self._pending))))
             return
         self.at_end()
         incoming, self._incoming = self._incoming, None
         assert incoming is not None
-        self.manifest_session = incoming
+        self.manifest_session = self._unfinished = incoming
         self._changed()
+        log.info("Live update %d: every carried fd is back", self.update_count)
+
+    def finish_manifest(self) -> None:
+        """FINISHes the incoming manifest's session, once the restore has ended and the calls that waited for
+        it are answered: no unit waits for this.  Until then a crash leaves it to be closed, which is an
+        implicit FINISH, as is writing the next manifest whole (``_drop_manifest``)."""
+        incoming, self._unfinished = self._unfinished, None
+        if incoming is None:
+            return
         self.backend.finish(incoming.fd)
         crash_point("finished the incoming manifest")
         self.manifest_session = None
         self._release(incoming)
         self._changed()
-        log.info("Live update %d: every carried fd is back", self.update_count)
 
     def _restored_first(self, unit: str) -> None:
         """A unit asks for its fds while the restore is under way: its memfds come before the others'."""

@@ -214,7 +214,8 @@ class VarlinkService:
         memfds first); the others wait for its end.  A call that must wait longer --
         Preserve (it may arm the agent first), the ones that run the pre-flight (its checks load with the
         event loop), one that finds the device busy -- and every later call on its connection are left to
-        ``serve``, as is the rest of a reply the peer does not take at once.  ``answering`` is held while
+        ``serve``, as is the rest of a reply the peer does not take at once.  The manifest's session is
+        finished (``Broker.finish_manifest``) once calls are quiet, or at the return.  ``answering`` is held while
         calls come (up to ``EARLY_HOLD_MAX_SEC`` after the restore): a thread that loads in steps and takes it
         between them does not slow the answers down with its share of the GIL and the CPU."""
         broker, listener = self.broker, self.listener
@@ -239,9 +240,12 @@ class VarlinkService:
         try:
             while True:
                 if loaded and not broker.restoring:
+                    self._finish_manifest()
                     return list(conns.values())
                 restoring = broker.restoring
                 events = poller.poll(0 if restoring else EARLY_QUIET_MS if holding else None)
+                if not restoring and not events:
+                    self._finish_manifest()  # calls are quiet: the restore's last step, which none waits for
                 if not restoring:
                     hold = bool(events) and time.monotonic() < hold_until
                     if hold and not holding:
@@ -308,6 +312,12 @@ class VarlinkService:
             self.broker.restore_step()
         except (errors.LuoError, OSError) as e:
             log.error("The restore failed: %s", e)
+
+    def _finish_manifest(self) -> None:
+        try:
+            self.broker.finish_manifest()
+        except (errors.LuoError, OSError) as e:
+            log.error("Failed to finish the manifest's session: %s", e)
 
     def _resume(self, conn: Connection) -> bool:
         """Runs the call ``conn`` waited with, then serves it on (``_serve_now``); a call for the event loop
