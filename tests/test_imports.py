@@ -90,18 +90,25 @@ def test_generator_imports_no_agent_machinery(tmp_path: Path) -> None:
 
 
 # Put before luod's program as the harness runs it (that of units/luod.service): writes the modules it has
-# loaded when it sends READY=1 to $LUOD_MODULES.
+# loaded when it sends READY=1 to $LUOD_MODULES, and when it answers its first Retrieve to $LUOD_MODULES.answer.
 READY_PROBE = f"""
 import os, sys
 sys.path += {python_path().split(":")!r}
 from luo_systemd import service_manager
-send = service_manager.send
+from luo_systemd.broker import Broker
+def dump(path):
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write("\\n".join(sorted(sys.modules)))
+send, retrieve = service_manager.send, Broker.retrieve
 def probe(message):
     if message.startswith("READY=1"):
-        with open(os.environ["LUOD_MODULES"], "w") as f:
-            f.write("\\n".join(sorted(sys.modules)))
+        dump(os.environ["LUOD_MODULES"])
     return send(message)
-service_manager.send = probe
+def first_answer(*args):
+    dump(os.environ["LUOD_MODULES"] + ".answer")
+    return retrieve(*args)
+service_manager.send, Broker.retrieve = probe, first_answer
 """
 
 
@@ -139,6 +146,10 @@ def test_luod_reaches_ready_without_its_serving_modules(tmp_path: Path, emulator
         agent.stop()
         agent.lose_fdstore()  # the machine went down with the fd store
         assert "luo_systemd.runfiles" not in ready_modules("restore"), "the last update is written after READY=1"
+        (restored,) = agent.call("Retrieve", {"unit": "demo.service"})[1]
+        os.close(restored)
+        answering = set((tmp_path / "modules-restore.answer").read_text().split())
+        assert not answering & {"asyncio", "ctypes"}, "a restored unit's answer waits for no event-loop module"
         assert agent.call("Status")[0]["phase"] == "restored"
         assert json.loads((tmp_path / "last-update.json").read_text())["units"] == {"demo.service": 1}
         assert agent.proc is not None  # and its event loop has loaded (Status waits for it), without OpenSSL:
