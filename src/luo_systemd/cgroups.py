@@ -30,8 +30,8 @@ def tracking_hierarchy() -> str:
     """The cgroup hierarchy systemd tracks units in here: the unified one ("") where /sys/fs/cgroup is
     cgroup2, else name=systemd (legacy and hybrid).  A container may see its host's other hierarchies.
     Found once per process: what is mounted there does not change under a running system.  Every cgroup2
-    directory has cgroup.controllers, and the tmpfs of legacy and hybrid mounts has none: the test systemd
-    makes with statfs(), without the fstatfs() of ctypes, whose import (~2 ms) came before luod's first answer."""
+    directory has cgroup.controllers and the tmpfs of legacy and hybrid mounts has none, so this tells what
+    systemd's statfs() does, without ctypes for fstatfs() (its import, ~2 ms, came before luod's first answer)."""
     if not _tracking:
         unified = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
         _tracking.append("" if unified else "name=systemd")
