@@ -174,6 +174,7 @@ class Run:
         last = json.loads((self.dir / "last-update.json").read_text())  # for liveupdatectl verify, crash or not
         assert last["units"] == {unit: len(names) for unit, names in held.items()}, last
         assert "Traceback" not in self.agent.log.read_text()
+        assert "the fd store lost" not in self.agent.log.read_text(), "invariant 1: the log names only kept fds"
 
 
 def count_points(base: Path, phase: str) -> list[str]:

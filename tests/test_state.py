@@ -227,6 +227,34 @@ def test_the_manifest_is_records_and_restores_whole(emulator: Emulator, fdstore:
     os.close(got["mem"])
 
 
+def test_an_fd_the_fd_store_lost_costs_only_itself(emulator: Emulator, fdstore: DictFdStore, tmp_path: Path) -> None:
+    """systemd drops a push it cannot keep (past FileDescriptorStoreMax=), silently.  A restarted luod whose
+    log names an fd the fd store lacks recovers everything else, and reports the loss as the unit's problem
+    (liveupdatectl verify fails that unit), once."""
+    b = broker(emulator, fdstore, tmp_path)
+    store_one(b, "a.service", "x", b"X")
+    store_one(b, "b.service", "y", b"Y")
+    store_one(b, "b.service", "z", b"Z")
+    lost = b.units["b.service"].stored["y"].held.key
+    fdstore.drop(lost)
+    close_held(b)
+
+    def restarted() -> Broker:
+        again = broker(emulator, fdstore, tmp_path / "again")
+        assert again.recover(fdstore.handed_back())
+        return again
+
+    again = restarted()
+    contents = {(u, n): os.pread(e.held.fd, 1, 0) for u, s in again.units.items() for n, e in s.stored.items()}
+    assert contents == {("a.service", "x"): b"X", ("b.service", "z"): b"Z"}
+    assert [(p.unit, lost in p.message) for p in again.problems] == [("b.service", True)]
+    store_one(again, "c.service", "w")  # a change: the log no longer names the lost fd
+    close_held(again)
+    again = restarted()
+    assert sorted(again.units["b.service"].stored) == ["z"] and len(again.problems) == 1
+    close_held(again)
+
+
 def test_the_last_preserve_the_arm_awaits_writes_the_manifest_whole(
     emulator: Emulator, fdstore: DictFdStore, tmp_path: Path
 ) -> None:

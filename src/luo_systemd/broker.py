@@ -989,6 +989,10 @@ class Broker:
         got = held_state.decode(read_all(log_fd, LOG_MAX), fds)
         self._next_key, self.armed, self.update_count = got.next_key, got.armed, got.update_count
         self.manifest_session, self.problems, self.units = got.manifest_session, got.problems, got.units
+        for unit, keys in got.lost.items():  # the rest is recovered: refusing to start would lose it all
+            message = f"the fd store lost {len(keys)} fd(s) luod held ({', '.join(keys)}); the rest was recovered"
+            self.problems.append(Problem(unit, message))
+            journal.event(journal.LOST, f"{unit or 'The manifest'}: {message}", unit=unit or None, level=journal.ERROR)
         self._count_stored(self.units)
         self._log.adopt(Held(log_fd, states[-1]))
         held = [(s.unit, h) for s in self.units.values() for h in s.held()]

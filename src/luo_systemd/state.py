@@ -194,6 +194,7 @@ class Recovered(NamedTuple):
     units: dict[str, UnitState]
     preserved_units: list[str]  # units whose outgoing session held files when the change was logged
     used: set[str]  # the fd store keys the state names
+    lost: dict[str, list[str]]  # unit ("" for the manifest's session) -> keys the state names, not in the fd store
 
 
 def _key(h: Optional[Held]) -> Optional[str]:
@@ -290,33 +291,43 @@ def _typed(value: Any, kind: type) -> Any:
 
 def decode(data: bytes, fds: dict[str, list[int]]) -> Recovered:
     """The log ``data`` replayed, with the fds its state names from ``fds`` (the fd store, by name: a
-    group's members are told apart by inode)."""
+    group's members are told apart by inode).  An fd the fd store no longer has (systemd drops what it
+    cannot keep) is left out and listed in ``lost``: the rest of the state is still every unit's."""
     doc = replay(data)
     used: set[str] = set()
     members: dict[str, dict[int, int]] = {}  # group -> inode -> fd
+    lost: dict[str, list[str]] = {}
+    unit = ""  # whose fds are being read
 
     def held(key: Any) -> Optional[Held]:
         if key is None:
             return None
         group, _, inode = _typed(key, str).partition(MEMBER_SEP)
-        if group not in fds:
-            raise BadManifest(f"the fd store lost {key}")
-        used.add(group)
-        if not inode:
-            return Held(fds[group][0], key)
-        if group not in members:
-            members[group] = {os.fstat(fd).st_ino: fd for fd in fds[group]}
-        fd = members[group].get(int(inode)) if inode.isdigit() else None
+        fd = None
+        if group in fds:
+            used.add(group)
+            if not inode:
+                fd = fds[group][0]
+            else:
+                if group not in members:
+                    members[group] = {os.fstat(f).st_ino: f for f in fds[group]}
+                fd = members[group].get(int(inode)) if inode.isdigit() else None
         if fd is None:
-            raise BadManifest(f"the fd store lost {key}")
+            lost.setdefault(unit, []).append(key)
+            return None
         return Held(fd, key)
 
-    def entry(d: Any) -> Entry:
-        h = held(_typed(d, dict)["key"])
-        if h is None:
-            raise BadManifest("agent state: an entry without an fd")
-        kind = FdKind(d["kind"])
-        return Entry(check_fd_name(_typed(d["name"], str)), kind, _typed(d["order"], int), h, _typed(d["session"], str))
+    def entries(d: Any) -> dict[str, Entry]:
+        out = {}
+        for e in _typed(d, list):
+            if _typed(e, dict)["key"] is None:
+                raise BadManifest("agent state: an entry without an fd")
+            name, kind = check_fd_name(_typed(e["name"], str)), FdKind(e["kind"])
+            order, session = _typed(e["order"], int), _typed(e["session"], str)
+            h = held(e["key"])
+            if h is not None:
+                out[name] = Entry(name, kind, order, h, session)
+        return out
 
     def sessions(d: Any) -> dict[str, Held]:
         out = {}
@@ -330,13 +341,14 @@ def decode(data: bytes, fds: dict[str, list[int]]) -> Recovered:
         units = {}
         preserved = []
         for u in _typed(doc["units"], list):
+            unit = check_unit_name(_typed(u["unit"], str))
             state = UnitState(
-                unit=check_unit_name(_typed(u["unit"], str)),
-                stored={e.name: e for e in map(entry, _typed(u["stored"], list))},
+                unit=unit,
+                stored=entries(u["stored"]),
                 next_order=_typed(u["next_order"], int),
                 out_session=held(u["out_session"]),
                 client_sessions=sessions(u["client_sessions"]),
-                restored={e.name: e for e in map(entry, _typed(u["restored"], list))},
+                restored=entries(u["restored"]),
                 in_session=held(u["in_session"]),
                 restored_client_sessions=sessions(u["restored_client_sessions"]),
                 restored_at=float(_typed(u["restored_at"], float)),
@@ -345,6 +357,7 @@ def decode(data: bytes, fds: dict[str, list[int]]) -> Recovered:
             if _typed(u["preserved"], list):
                 preserved.append(state.unit)
             units[state.unit] = state
+        unit = ""
         return Recovered(
             next_key=_typed(doc["next_key"], int),
             armed=_typed(doc["armed"], bool),
@@ -357,6 +370,7 @@ def decode(data: bytes, fds: dict[str, list[int]]) -> Recovered:
             units=units,
             preserved_units=preserved,
             used=used,
+            lost=lost,
         )
     except (KeyError, TypeError, ValueError, InvalidName) as e:
         raise BadManifest(f"agent state is malformed: {e!r}") from None
